@@ -22,3 +22,303 @@ def gate_residual_reference(x, gate, y):
 def gate_residual_ln_modulate_reference(x, gate, y, shift, scale, weight=None, bias=None, eps=1e-6):
     x1 = gate_residual_reference(x, gate, y)
     return x1, ln_modulate_reference(x1, shift, scale, weight, bias, eps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton path. One forward and one backward kernel serve all three ops (constexpr RESIDUAL / LN switches). A
+# program owns one batch row b and a chunk of its tokens, so the per-sample vectors (shift, scale, gate) are loaded
+# once and its token rows are walked in tiles of whole rows (LayerNorm needs the full row).
+# Backward reductions stay deterministic without atomics: each program writes fp32 partials
+#   A = sum_t dout * xhat,  S = sum_t dout,  G = sum_t dx1 * y    ([B, chunks, D] each)
+# and a small finalize kernel sums them over chunks in a fixed order, giving
+#   d(shift) = S,  d(scale) = A * w + S * bias,  d(gate) = G,  and per batch block (1 + scale) * A and
+#   (1 + scale) * S, whose sums over blocks are d(weight) and d(bias).
+# ---------------------------------------------------------------------------------------------------------------
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from . import _triton_utils as tu  # noqa: E402
+
+# Forward programs carry no reduction, so they can be spread wider than backward ones.
+_FORWARD_PROGRAM_FACTOR = 4
+_FINALIZE_BLOCK_B = 16
+
+
+@triton.jit
+def _row_stats(x, ok, D, eps):
+    """Centred row values (zero outside the row) and 1/std of a [ROWS, BLOCK_D] tile, LayerNorm-style."""
+    mean = tl.sum(x, axis=1) / D
+    centred = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
+    return centred, rstd
+
+
+@triton.jit
+def _adaln_fwd_kernel(
+    x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    T, D, rows_per_program, s_gate, s_shift, s_scale, eps,
+    RESIDUAL: tl.constexpr, LN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    t_start = tl.program_id(1) * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if RESIDUAL:
+        gate = tl.load(gate_ptr + b * s_gate + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if LN:
+        shift = tl.load(shift_ptr + b * s_shift + cols, mask=col_ok, other=0.0).to(tl.float32)
+        scale1 = 1.0 + tl.load(scale_ptr + b * s_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_W:
+            w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_B:
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+
+    for t0 in range(t_start, t_end, ROWS):
+        t = t0 + tl.arange(0, ROWS)
+        ok = (t < t_end)[:, None] & col_ok[None, :]
+        off = (b * T + t)[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            y = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32)
+            x1 = (x + gate[None, :] * y).to(res_ptr.dtype.element_ty)
+            tl.store(res_ptr + off, x1, mask=ok)
+            x = x1.to(tl.float32)  # normalise the residual exactly as returned to the caller
+        if LN:
+            centred, rstd = _row_stats(x, ok, D, eps)
+            h = centred * rstd[:, None]
+            if HAS_W:
+                h = h * w[None, :]
+            if HAS_B:
+                h = h + bias[None, :]
+            out = h * scale1[None, :] + shift[None, :]
+            tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    x_ptr, dout_ptr, y_ptr, gate_ptr, dres_ptr, scale_ptr, w_ptr, dx_ptr, dy_ptr, part_ptr,
+    B, T, D, rows_per_program, s_gate, s_scale, eps,
+    RESIDUAL: tl.constexpr, LN: tl.constexpr, HAS_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # x: the LayerNorm input (x, or x1 of the fused op); dout: grad of the modulated output; dres: grad of the
+    # residual output (x1). dx is written when LN (for gate_residual alone it is dres itself).
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = pid_b.to(tl.int64)
+    t_start = pid_c * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if RESIDUAL:
+        gate = tl.load(gate_ptr + b * s_gate + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if LN:
+        scale1 = 1.0 + tl.load(scale_ptr + b * s_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_W:
+            scale1 = scale1 * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    # 2-D accumulators: one cross-row reduction at the end instead of one per tile
+    acc_a = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    acc_s = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    acc_g = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+
+    for t0 in range(t_start, t_end, ROWS):
+        t = t0 + tl.arange(0, ROWS)
+        ok = (t < t_end)[:, None] & col_ok[None, :]
+        off = (b * T + t)[:, None] * D + cols[None, :]
+        if RESIDUAL:
+            dx = tl.load(dres_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        else:
+            dx = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        if LN:
+            x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
+            centred, rstd = _row_stats(x, ok, D, eps)
+            xhat = centred * rstd[:, None]
+            dout = tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32)
+            acc_a += dout * xhat
+            acc_s += dout
+            dxhat = dout * scale1[None, :]
+            mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / D
+            mean_dxhat = tl.sum(dxhat, axis=1) / D
+            dx += tl.where(ok, (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None], 0.0)
+            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        if RESIDUAL:
+            y = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32)
+            acc_g += dx * y
+            tl.store(dy_ptr + off, (dx * gate[None, :]).to(dy_ptr.dtype.element_ty), mask=ok)
+
+    slab = B * tl.num_programs(1) * D  # partials: [3, B, chunks, D]
+    part = part_ptr + (b * tl.num_programs(1) + pid_c) * D + cols
+    if LN:
+        tl.store(part, tl.sum(acc_a, axis=0), mask=col_ok)
+        tl.store(part + slab, tl.sum(acc_s, axis=0), mask=col_ok)
+    if RESIDUAL:
+        tl.store(part + 2 * slab, tl.sum(acc_g, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _adaln_finalize_kernel(
+    part_ptr, scale_ptr, w_ptr, bias_ptr, dshift_ptr, dscale_ptr, dgate_ptr, dw_part_ptr, db_part_ptr,
+    B, D, chunks, s_scale,
+    RESIDUAL: tl.constexpr, LN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    bs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    ok = (bs < B)[:, None] & col_ok[None, :]
+    slab = B * chunks * D
+    sum_a = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    sum_s = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    sum_g = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    for c in range(0, chunks):
+        off = (bs.to(tl.int64) * chunks + c)[:, None] * D + cols[None, :]
+        if LN:
+            sum_a += tl.load(part_ptr + off, mask=ok, other=0.0)
+            sum_s += tl.load(part_ptr + slab + off, mask=ok, other=0.0)
+        if RESIDUAL:
+            sum_g += tl.load(part_ptr + 2 * slab + off, mask=ok, other=0.0)
+
+    out_off = bs.to(tl.int64)[:, None] * D + cols[None, :]
+    if RESIDUAL:
+        tl.store(dgate_ptr + out_off, sum_g.to(dgate_ptr.dtype.element_ty), mask=ok)
+    if LN:
+        tl.store(dshift_ptr + out_off, sum_s.to(dshift_ptr.dtype.element_ty), mask=ok)
+        dscale = sum_a
+        if HAS_W:
+            dscale = dscale * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            dscale += sum_s * tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(dscale_ptr + out_off, dscale.to(dscale_ptr.dtype.element_ty), mask=ok)
+        if HAS_W or HAS_B:
+            scale1 = 1.0 + tl.load(scale_ptr + bs.to(tl.int64)[:, None] * s_scale + cols[None, :],
+                                   mask=ok, other=0.0).to(tl.float32)
+            if HAS_W:
+                tl.store(dw_part_ptr + pid_b * D + cols, tl.sum(scale1 * sum_a, axis=0), mask=col_ok)
+            if HAS_B:
+                tl.store(db_part_ptr + pid_b * D + cols, tl.sum(scale1 * sum_s, axis=0), mask=col_ok)
+
+
+def _row_chunks(B, T, D, programs):
+    """(BLOCK_D, rows per tile, rows per program, chunks per batch row) for about `programs` programs."""
+    block_d = tu.next_pow2(D)
+    rows = min(tu.rows_per_tile(block_d), tu.next_pow2(T))
+    chunks = max(1, min(tu.cdiv(programs, B), tu.cdiv(T, rows)))
+    rows_per_program = tu.cdiv(tu.cdiv(T, chunks), rows) * rows
+    return block_d, rows, rows_per_program, tu.cdiv(T, rows_per_program)
+
+
+def _check_adaln(name, x, y, vectors, weight, bias):
+    if x.dim() != 3:
+        raise ValueError(f"{name}: x must be [B, T, D], got {tuple(x.shape)}")
+    B, _, D = x.shape
+    if y is not None and y.shape != x.shape:
+        raise ValueError(f"{name}: y must match x {tuple(x.shape)}, got {tuple(y.shape)}")
+    for label, v in vectors.items():
+        if tuple(v.shape) != (B, D):
+            raise ValueError(f"{name}: {label} must be [{B}, {D}], got {tuple(v.shape)}")
+    for label, v in (("weight", weight), ("bias", bias)):
+        if v is not None and tuple(v.shape) != (D,):
+            raise ValueError(f"{name}: {label} must be [{D}], got {tuple(v.shape)}")
+    tu.check_same_device(name, x, y, weight, bias, *vectors.values())
+
+
+class _AdaLN(torch.autograd.Function):
+    """residual: x1 = x + gate * y; ln: LN(h) * (1 + scale) + shift with h = x1 (residual) or x. Outputs
+    x1 and/or the modulated norm, in that order."""
+
+    @staticmethod
+    def forward(ctx, residual, ln, x, gate, y, shift, scale, weight, bias, eps):
+        B, T, D = x.shape
+        x = x.contiguous()
+        y = y.contiguous() if residual else None
+        gate = tu.unit_stride_rows(gate) if residual else None
+        shift = tu.unit_stride_rows(shift) if ln else None
+        scale = tu.unit_stride_rows(scale) if ln else None
+        weight = weight.contiguous() if weight is not None else None
+        bias = bias.contiguous() if bias is not None else None
+        res = torch.empty_like(x) if residual else None
+        out = torch.empty_like(x) if ln else None
+        block_d, rows, rows_per_program, chunks = _row_chunks(
+            B, T, D, _FORWARD_PROGRAM_FACTOR * tu.target_programs(x.device))
+        _adaln_fwd_kernel[(B, chunks)](
+            x, y if residual else x, gate if residual else x, shift if ln else x, scale if ln else x,
+            weight if weight is not None else x, bias if bias is not None else x,
+            res if residual else x, out if ln else x,
+            T, D, rows_per_program, gate.stride(0) if residual else 0, shift.stride(0) if ln else 0,
+            scale.stride(0) if ln else 0, eps,
+            RESIDUAL=residual, LN=ln, HAS_W=weight is not None, HAS_B=bias is not None,
+            ROWS=rows, BLOCK_D=block_d, num_warps=tu.num_warps_for(block_d),
+        )
+        ln_input = (res if residual else x) if ln else None
+        ctx.save_for_backward(ln_input, y, gate, scale, weight, bias)
+        ctx.config = (residual, ln, eps)
+        ctx.dtypes = tuple(v.dtype if v is not None else None for v in (x, shift))
+        if residual and ln:
+            return res, out
+        return res if residual else out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ln_input, y, gate, scale, weight, bias = ctx.saved_tensors
+        residual, ln, eps = ctx.config
+        x_dtype, shift_dtype = ctx.dtypes
+        dres = grads[0].contiguous() if residual else None
+        dout = grads[-1].contiguous() if ln else None
+        B, T, D = (dres if residual else dout).shape
+        device = (dres if residual else dout).device
+
+        block_d, rows, rows_per_program, chunks = _row_chunks(B, T, D, tu.target_programs(device))
+        part = torch.empty(3, B, chunks, D, dtype=torch.float32, device=device)
+        dx = torch.empty(B, T, D, dtype=x_dtype, device=device) if ln else dres
+        dy = torch.empty(B, T, D, dtype=y.dtype, device=device) if residual else None
+        placeholder = part
+        _adaln_bwd_kernel[(B, chunks)](
+            ln_input, dout if ln else placeholder, y if residual else placeholder,
+            gate if residual else placeholder, dres if residual else placeholder,
+            scale if ln else placeholder, weight if weight is not None else placeholder,
+            dx if ln else placeholder, dy if residual else placeholder, part,
+            B, T, D, rows_per_program, gate.stride(0) if residual else 0, scale.stride(0) if ln else 0, eps,
+            RESIDUAL=residual, LN=ln, HAS_W=weight is not None, ROWS=rows, BLOCK_D=block_d,
+            num_warps=tu.num_warps_for(block_d),
+        )
+
+        dgate = torch.empty(B, D, dtype=gate.dtype, device=device) if residual else None
+        dshift = torch.empty(B, D, dtype=shift_dtype, device=device) if ln else None
+        dscale = torch.empty(B, D, dtype=scale.dtype, device=device) if ln else None
+        fin_block_d = tu.col_block(D)
+        b_blocks = tu.cdiv(B, _FINALIZE_BLOCK_B)
+        dw_part = torch.empty(b_blocks, D, dtype=torch.float32, device=device) if weight is not None else None
+        db_part = torch.empty(b_blocks, D, dtype=torch.float32, device=device) if bias is not None else None
+        _adaln_finalize_kernel[(b_blocks, tu.cdiv(D, fin_block_d))](
+            part, scale if ln else placeholder, weight if weight is not None else placeholder,
+            bias if bias is not None else placeholder, dshift if ln else placeholder, dscale if ln else placeholder,
+            dgate if residual else placeholder, dw_part if dw_part is not None else placeholder,
+            db_part if db_part is not None else placeholder,
+            B, D, chunks, scale.stride(0) if ln else 0,
+            RESIDUAL=residual, LN=ln, HAS_W=weight is not None, HAS_B=bias is not None,
+            BLOCK_B=_FINALIZE_BLOCK_B, BLOCK_D=fin_block_d,
+        )
+        dweight = dw_part.sum(0).to(weight.dtype) if weight is not None else None
+        dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
+        return None, None, dx, dgate, dy, dshift, dscale, dweight, dbias, None
+
+
+def ln_modulate_triton(x, shift, scale, weight=None, bias=None, eps=1e-6):
+    """Triton version of `ln_modulate_reference` (same contract)."""
+    _check_adaln("ln_modulate", x, None, {"shift": shift, "scale": scale}, weight, bias)
+    return _AdaLN.apply(False, True, x, None, None, shift, scale, weight, bias, eps)
+
+
+def gate_residual_triton(x, gate, y):
+    """Triton version of `gate_residual_reference` (same contract)."""
+    _check_adaln("gate_residual", x, y, {"gate": gate}, None, None)
+    return _AdaLN.apply(True, False, x, gate, y, None, None, None, None, 0.0)
+
+
+def gate_residual_ln_modulate_triton(x, gate, y, shift, scale, weight=None, bias=None, eps=1e-6):
+    """Triton version of `gate_residual_ln_modulate_reference` (same contract): returns (x1, modulated LN(x1))."""
+    _check_adaln("gate_residual_ln_modulate", x, y, {"gate": gate, "shift": shift, "scale": scale}, weight, bias)
+    return _AdaLN.apply(True, True, x, gate, y, shift, scale, weight, bias, eps)

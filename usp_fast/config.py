@@ -5,10 +5,24 @@ mistyped key is an error that names the file and lists the valid keys. Values ar
 default's type (int is accepted where a float is expected; a None default accepts anything).
 """
 import copy
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import yaml
+
+class Opt:
+    """Schema marker for a key that is unset (None) by default and otherwise of `type_`."""
+
+    def __init__(self, type_):
+        self.type = type_
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+# YAML 1.1 reads '2e-3' (no dot) as a string; accept it where a float is expected.
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 BASE_SCHEMA = {
     "run": {
@@ -17,24 +31,33 @@ BASE_SCHEMA = {
         "seed": 0,                # seeds data order, masking and noise; resume is exact from it
     },
     "data": {
-        "root": None,             # ImageFolder tree (train/<class>/*.JPEG) or a directory of classes
-        "file_list": None,        # alternative to root: a text file "path [label]" per line
+        "root": Opt(str),             # ImageFolder tree (train/<class>/*.JPEG) or a directory of classes
+        "file_list": Opt(str),        # alternative to root: a text file "path [label]" per line
         "resolution": 224,        # image side after the ADM-style centre crop
-        "cache_dir": None,        # latent cache directory (default: <root>/../latents_<res>_<vae-tag>)
+        "cache_dir": Opt(str),        # latent cache directory (default: <root>/../latents_<res>_<vae-tag>)
         "sample_posterior": True, # draw mean + std * eps per step (False: use the posterior mean)
         "flip": True,             # pick the cached horizontal flip at random
         "num_workers": 2,         # data loader processes per rank
         "fatal_bad_images": False,  # a corrupt image stops the cache build instead of being skipped
         "demo_images": 0,         # >0: build a demo ImageFolder of this many real photos at root if missing
+        "auto_cache": False,      # a training stage builds (or finishes) a missing cache instead of refusing
+        "source": "cache",        # cache (pre-encoded latents) or online (decode + crop + VAE-encode each step)
+        "decoder": "auto",        # image decoder: auto (DALI on GPU when installed, else PIL), dali or pil
+        "crop": "rrc",            # online crops: rrc (RandomResizedCrop, pretraining) or center (ADM, generation)
+        "crop_scale": [0.2, 1.0], # RandomResizedCrop area fraction range (online path and cache.views)
+        "prefetch": 2,            # online: micro-batches decoded + encoded ahead of the training step
+        "max_pixels": 100000000,  # larger images are skipped as bad input
     },
     "vae": {
-        "name": "stabilityai/sd-vae-ft-ema",  # local diffusers directory, hub id (cached), or 'random-sd'
+        "name": "stabilityai/sd-vae-ft-ema",  # diffusers AutoencoderKL folder, TAESD weights folder, hub id (cached), random-sd
         "scale": 0.18215,         # SD-VAE latent scaling factor
         "encode_batch": 16,       # images per VAE forward while caching
     },
     "cache": {
         "shard_size": 4096,       # images per shard file
         "dtype": "float16",       # storage dtype of posterior mean/std
+        "views": 0,               # extra RandomResizedCrop views per image (view 0 is the centre crop); training
+                                  # picks one view per image per epoch, so the cached path keeps crop augmentation
     },
     "model": {
         "name": "usp_vit_b",      # registry name (usp_vit_b/l/xl, usp_vit_s/tiny/test)
@@ -42,7 +65,7 @@ BASE_SCHEMA = {
     },
     "optim": {
         "blr": 1.5e-4,            # base lr; lr = blr * global_batch / 256
-        "lr": None,               # absolute lr (overrides blr scaling when set)
+        "lr": Opt(float),               # absolute lr (overrides blr scaling when set)
         "min_lr": 0.0,            # floor of the cosine
         "weight_decay": 0.05,     # not applied to biases, norms, tokens, pos-emb
         "betas": [0.9, 0.95],     # AdamW betas
@@ -52,7 +75,7 @@ BASE_SCHEMA = {
     },
     "train": {
         "epochs": 800,            # training length in epochs of the cached set
-        "max_steps": None,        # optional cap on optimizer steps (demos, smoke runs)
+        "max_steps": Opt(int),        # optional cap on optimizer steps (demos, smoke runs)
         "global_batch": 4096,     # images per optimizer step, all ranks (accumulation fills the gap)
         "micro_batch": 256,       # images per rank per forward
         "precision": "auto",      # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
@@ -61,6 +84,9 @@ BASE_SCHEMA = {
         "ckpt_every": 1000,       # steps between checkpoints
         "keep_last": 3,           # checkpoints kept
         "export": True,           # export the encoder at the end
+        "run_steps": Opt(int),        # stop after this many steps in this invocation (time-limited jobs); the
+                                  # schedule still follows the full length; continue with --resume auto
+        "audit_samples": False,   # each rank writes the sample indices it trains on to samples_r<rank>.txt
     },
 }
 
@@ -86,8 +112,14 @@ def _merge(schema, values, where, source):
 
 
 def _check_type(default, value, path, source):
+    if isinstance(default, Opt):
+        if value is None or isinstance(value, Opt):  # unset (also when re-merging an already merged config)
+            return None
+        default = default.type()  # an instance of the type, for the checks below
     if default is None or value is None:
         return value
+    if isinstance(default, float) and isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+        return float(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: '{path}' expects true/false, got {value!r}")
@@ -141,6 +173,8 @@ def _deep_update(base, upd):
 
 
 def to_namespace(d):
+    if isinstance(d, Opt):
+        return None
     if isinstance(d, dict):
         return SimpleNamespace(**{k: (v if k == "overrides" else to_namespace(v)) for k, v in d.items()})
     return d

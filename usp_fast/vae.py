@@ -1,7 +1,10 @@
 """The frozen VAE: images in [-1, 1] <-> scaled latents.
 
 `load_vae(name, scale)` accepts
-  - a local diffusers AutoencoderKL directory (config.json + weights),
+  - a local diffusers AutoencoderKL directory (config.json + weights), any config: SD (4 channels, /8),
+    16 channels at /16, ... (channels and downsampling are read from the config),
+  - a TAESD-family directory: `<x>_encoder.pth` + `<x>_decoder.pth` state dicts in the upstream taesd.py
+    layout (e.g. taef2: 32 channels, /8, latent scale 1; use vae.scale=1). Deterministic: std is 0.
   - a hub id, loaded only from the local cache (no downloads at run time): a missing one raises an error that
     says how to pass a local path,
   - 'random-sd': the SD-VAE architecture with random weights, for smoke runs (logged loudly as untrained).
@@ -29,27 +32,115 @@ class VAEError(RuntimeError):
 
 
 class LatentVAE(torch.nn.Module):
-    """Frozen AutoencoderKL with the latent scale applied; `identity` goes into cache manifests."""
+    """Frozen AutoencoderKL or TinyAutoencoder with the latent scale applied; `identity` goes into manifests."""
 
     def __init__(self, module, scale, identity):
         super().__init__()
         self.module = module.eval().requires_grad_(False)
         self.scale = float(scale)
         self.identity = identity
-        cfg = module.config
-        self.latent_channels = int(cfg.latent_channels)
-        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.tiny = isinstance(module, TinyAutoencoder)
+        if self.tiny:
+            self.latent_channels, self.downsample = module.latent_channels, module.downsample
+        else:
+            cfg = module.config
+            self.latent_channels = int(cfg.latent_channels)
+            self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+
+    @property
+    def dtype(self):
+        return next(self.module.parameters()).dtype
 
     @torch.no_grad()
     def encode(self, images):
-        """images [B, 3, H, W] in [-1, 1] -> (mean, std), each [B, C, H/8, W/8], scaled."""
-        dist = self.module.encode(images.to(self.module.dtype)).latent_dist
+        """images [B, 3, H, W] in [-1, 1] -> (mean, std), each [B, C, H/d, W/d], scaled."""
+        images = images.to(self.dtype)
+        if self.tiny:  # TAESD takes [0, 1] and is deterministic
+            mean = self.module.encoder(images * 0.5 + 0.5) * self.scale
+            return mean, torch.zeros_like(mean)
+        dist = self.module.encode(images).latent_dist
         return dist.mean * self.scale, dist.std * self.scale
 
     @torch.no_grad()
     def decode(self, latents):
         """scaled latents -> images [B, 3, H, W] in [-1, 1] (not clamped)."""
-        return self.module.decode(latents.to(self.module.dtype) / self.scale).sample
+        latents = latents.to(self.dtype) / self.scale
+        if self.tiny:
+            return self.module.decoder(latents) * 2 - 1
+        return self.module.decode(latents).sample
+
+
+# ---- TAESD family: modules whose state-dict keys are exactly those of the upstream taesd.py ----
+def _conv(n_in, n_out, **kw):
+    return torch.nn.Conv2d(n_in, n_out, 3, padding=1, **kw)
+
+
+class _Clamp(torch.nn.Module):
+    def forward(self, x):
+        return torch.tanh(x / 3) * 3
+
+
+class _Block(torch.nn.Module):
+    """conv-relu-conv-relu-conv + skip, then ReLU; `gn` adds the mid-block 1x1 GroupNorm MLP (taef2)."""
+
+    def __init__(self, n_in, n_out, gn=False):
+        super().__init__()
+        self.conv = torch.nn.Sequential(_conv(n_in, n_out), torch.nn.ReLU(), _conv(n_out, n_out), torch.nn.ReLU(),
+                                        _conv(n_out, n_out))
+        self.skip = torch.nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else torch.nn.Identity()
+        self.fuse = torch.nn.ReLU()
+        self.pool = torch.nn.Sequential(
+            torch.nn.Conv2d(n_in, 4 * n_in, 1, bias=False), torch.nn.GroupNorm(4, 4 * n_in), torch.nn.ReLU(),
+            torch.nn.Conv2d(4 * n_in, n_in, 1, bias=False)) if gn else None
+
+    def forward(self, x):
+        if self.pool is not None:
+            x = x + self.pool(x)
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+def taesd_encoder(latent_channels, gn=False):
+    return torch.nn.Sequential(
+        _conv(3, 64), _Block(64, 64),
+        _conv(64, 64, stride=2, bias=False), _Block(64, 64), _Block(64, 64), _Block(64, 64),
+        _conv(64, 64, stride=2, bias=False), _Block(64, 64), _Block(64, 64), _Block(64, 64),
+        _conv(64, 64, stride=2, bias=False), *[_Block(64, 64, gn) for _ in range(3)],
+        _conv(64, latent_channels))
+
+
+def taesd_decoder(latent_channels, gn=False):
+    def up():  # fresh modules each time: a shared conv would silently tie three layers' weights
+        return [torch.nn.Upsample(scale_factor=2), _conv(64, 64, bias=False)]
+
+    return torch.nn.Sequential(
+        _Clamp(), _conv(latent_channels, 64), torch.nn.ReLU(),
+        *[_Block(64, 64, gn) for _ in range(3)], *up(),
+        _Block(64, 64), _Block(64, 64), _Block(64, 64), *up(),
+        _Block(64, 64), _Block(64, 64), _Block(64, 64), *up(),
+        _Block(64, 64), _conv(64, 3))
+
+
+class TinyAutoencoder(torch.nn.Module):
+    """TAESD: images in [0, 1] <-> deterministic latents at 1/8 resolution."""
+    downsample = 8
+
+    def __init__(self, encoder_sd, decoder_sd, where):
+        super().__init__()
+        try:
+            self.latent_channels = int(encoder_sd["14.weight"].shape[0])
+            gn = any(".pool." in k for k in encoder_sd)
+            self.encoder, self.decoder = taesd_encoder(self.latent_channels, gn), taesd_decoder(self.latent_channels, gn)
+            self.encoder.load_state_dict(encoder_sd)  # strict: the key map is the identity, or this fails
+            self.decoder.load_state_dict(decoder_sd)
+        except (KeyError, RuntimeError) as e:
+            raise VAEError(f"{where}: not TAESD state dicts in the upstream taesd.py layout "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+
+
+def _taesd_files(path):
+    enc = sorted(Path(path).glob("*encoder.pth"))
+    dec = sorted(Path(path).glob("*decoder.pth"))
+    return (enc[0], dec[0]) if len(enc) == 1 and len(dec) == 1 else None
 
 
 def _fingerprint(module):
@@ -73,15 +164,21 @@ def load_vae(name, scale=0.18215, device="cpu", dtype=torch.float32, seed=0):
             torch.manual_seed(seed)
             module = AutoencoderKL(**SD_VAE_CONFIG)
         kind = "random-sd"
+    elif Path(name).is_dir() and _taesd_files(name):
+        enc, dec = _taesd_files(name)
+        load = lambda p: torch.load(p, map_location="cpu", weights_only=True)  # noqa: E731
+        module = TinyAutoencoder(load(enc), load(dec), name)
+        kind = "taesd"
     elif Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise VAEError(f"vae '{name}' is a directory without config.json: expected a diffusers AutoencoderKL "
-                           "folder (as written by AutoencoderKL.save_pretrained)")
-        module = AutoencoderKL.from_pretrained(name)
+                           "folder (as written by AutoencoderKL.save_pretrained) or TAESD weights "
+                           "(<x>_encoder.pth and <x>_decoder.pth)")
+        module = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)
         kind = "local"
     else:
         try:
-            module = AutoencoderKL.from_pretrained(name, local_files_only=True)
+            module = AutoencoderKL.from_pretrained(name, local_files_only=True, low_cpu_mem_usage=False)
         except Exception as e:  # noqa: BLE001 - diffusers raises several types for a missing cache entry
             raise VAEError(
                 f"vae '{name}' is neither a local directory nor in the local model cache, and this run does not "
@@ -89,8 +186,10 @@ def load_vae(name, scale=0.18215, device="cpu", dtype=torch.float32, seed=0):
                 ".save_pretrained(DIR)), copy DIR here and pass vae.name=DIR, or use vae.name=random-sd for a "
                 f"smoke run. ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
         kind = "hub-cache"
-    module = module.to(device=device, dtype=dtype)
-    identity = {"name": str(name), "kind": kind, "scale": float(scale), "fingerprint": _fingerprint(module),
-                "latent_channels": int(module.config.latent_channels),
-                "config": json.loads(json.dumps(dict(module.config), default=str))["block_out_channels"]}
-    return LatentVAE(module, scale, identity)
+    module = module.to(device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
+    vae = LatentVAE(module, scale, {})
+    vae.identity = {"name": str(name), "kind": kind, "scale": float(scale), "fingerprint": _fingerprint(module),
+                    "latent_channels": vae.latent_channels, "downsample": vae.downsample,
+                    "config": [64] * 4 if vae.tiny else
+                    json.loads(json.dumps(dict(module.config), default=str))["block_out_channels"]}
+    return vae

@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny real-architecture VAE saved as a local diffusers folder, a small ImageFolder of real
+photo crops, and its latent cache. Everything runs on CPU in fp32."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from usp_fast.config import load_config  # noqa: E402
+
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64, norm_num_groups=4,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[8, 8, 16, 16],
+)
+RESOLUTION = 64  # -> 8x8 latents, 4x4 patches of 2x2
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    d = tmp_path_factory.mktemp("tiny_vae")
+    torch.manual_seed(0)
+    AutoencoderKL(**TINY_VAE).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory):
+    from usp_fast.data.demo import make_demo_imagefolder
+
+    root = tmp_path_factory.mktemp("images")
+    make_demo_imagefolder(root, 40, seed=1, min_side=64)
+    return root
+
+
+def make_cfg(tmp_path, images, vae_dir, *overrides):
+    """A tiny pretrain config over `images` with the tiny VAE; extra overrides as 'a.b=value'."""
+    base = [
+        f"run.out_dir={tmp_path / 'runs'}", "run.name=t", f"data.root={images}",
+        f"data.cache_dir={tmp_path / 'cache'}", f"data.resolution={RESOLUTION}", "data.num_workers=0",
+        f"vae.name={vae_dir}", "vae.encode_batch=8", "cache.shard_size=16", "model.name=usp_vit_test",
+        "optim.lr=1e-3", "optim.warmup_epochs=1", "train.epochs=1000", "train.global_batch=8",
+        "train.micro_batch=4", "train.log_every=1", "train.ckpt_every=1000", "train.zero_stage=0",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def built_cache(tmp_path_factory, demo_images, tiny_vae_dir):
+    """A finished cache over the demo images; tests copy it rather than modify it."""
+    from usp_fast.data.cache import build_cache
+    from usp_fast.vae import load_vae
+
+    tmp = tmp_path_factory.mktemp("cache_run")
+    cfg = make_cfg(tmp, demo_images, tiny_vae_dir)
+    build_cache(cfg, load_vae(str(tiny_vae_dir)), torch.device("cpu"))
+    return cfg

@@ -1,0 +1,265 @@
+"""The latent cache: VAE posteriors of cropped images and their horizontal flips, in large shards.
+
+Layout of a cache directory:
+  shard_00000.npy   float16 [n, 2 (mean, std), V (views), 2 (plain, flipped), C, h, w]  (memory-mapped in training)
+                    view 0 is the ADM centre crop; views 1..cache.views are RandomResizedCrops drawn from
+                    (seed, view, image index), so the cached path keeps crop augmentation
+  shard_00000.json  {"indices": image indices stored, "labels": [...], "skipped": [{"path", "error"}],
+                     "stats": per-channel sums of the centre-crop posterior means}
+  manifest.json     written last, once every shard exists: what was encoded and how (see `expected_fields`),
+                    with the per-channel latent mean/std (useful for VAEs whose latents are not ~unit scale)
+A shard is finished when its .json exists (it is written after the .npy, both atomically), so an interrupted
+build resumes by skipping finished shards. Rank r of W builds shards r, r+W, ...; rank 0 writes the manifest.
+"""
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..io import atomic_path, atomic_write_text
+from .images import draw_view, image_list_hash, list_images
+from .pipeline import make_decoder
+
+log = logging.getLogger(__name__)
+
+FORMAT = "usp-fast-latents/2"
+CROP_POLICY = "adm-center"
+
+
+class CacheError(RuntimeError):
+    pass
+
+
+def default_cache_dir(cfg):
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir)
+    src = Path(cfg.data.root or cfg.data.file_list)
+    tag = Path(str(cfg.vae.name)).name.replace("/", "_")
+    return src.parent / f"latents_{cfg.data.resolution}_{tag}"
+
+
+def expected_fields(cfg):
+    """What a training config requires of a cache's manifest."""
+    return {"format": FORMAT, "resolution": cfg.data.resolution, "crop": CROP_POLICY,
+            "vae.name": str(cfg.vae.name), "vae.scale": float(cfg.vae.scale)}
+
+
+def _shard_paths(cache_dir, i):
+    return cache_dir / f"shard_{i:05d}.npy", cache_dir / f"shard_{i:05d}.json"
+
+
+def build_cache(cfg, vae, device, rank=0, world_size=1, barrier=None):
+    """Encode every image of cfg.data (and its flip) into the cache; resumable and shardable across ranks."""
+    cache_dir = default_cache_dir(cfg)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    items, classes = list_images(cfg.data.root, cfg.data.file_list)
+    shard_size, res = cfg.cache.shard_size, cfg.data.resolution
+    num_shards = (len(items) + shard_size - 1) // shard_size
+    list_hash = image_list_hash(items)
+    _check_build_target(cache_dir, cfg, vae, list_hash, len(items))
+    mine = [i for i in range(num_shards) if i % world_size == rank and not _shard_paths(cache_dir, i)[1].exists()]
+    todo = sum(min(shard_size, len(items) - i * shard_size) for i in mine)
+    log.info("cache %s: %d images in %d shards; rank %d builds %d shards (%d images), %d already done",
+             cache_dir, len(items), num_shards, rank, len(mine), todo, num_shards - len(mine) * world_size)
+    dtype = np.dtype(cfg.cache.dtype)
+    decoder = make_decoder(cfg.data.decoder, device, cfg.vae.encode_batch, cfg.data.num_workers, cfg.data.max_pixels)
+    bar = tqdm(total=todo, desc=f"cache r{rank}", unit="img", disable=rank != 0, dynamic_ncols=True)
+    start = time.time()
+    for shard in mine:
+        lo, hi = shard * shard_size, min((shard + 1) * shard_size, len(items))
+        t0 = time.time()
+        _build_shard(cache_dir, shard, items, lo, hi, res, vae, decoder, dtype, cfg, bar)
+        log.info("rank %d: shard %d (%d images) in %.1fs, %.1f img/s (%s decoder)", rank, shard, hi - lo,
+                 time.time() - t0, (hi - lo) / max(time.time() - t0, 1e-9), decoder.name)
+    bar.close()
+    if todo:
+        log.info("rank %d encoded %d images in %.1fs (%.1f img/s)", rank, todo, time.time() - start,
+                 todo / max(time.time() - start, 1e-9))
+    if barrier is not None:
+        barrier()
+    if rank == 0:
+        _write_manifest(cache_dir, cfg, vae, items, classes, num_shards, list_hash)
+    if barrier is not None:
+        barrier()
+    return cache_dir
+
+
+def _check_build_target(cache_dir, cfg, vae, list_hash, count):
+    """Never mix two different caches in one directory."""
+    meta_path = cache_dir / "build.json"
+    meta = {"format": FORMAT, "resolution": cfg.data.resolution, "crop": CROP_POLICY, "vae": vae.identity,
+            "image_list_sha256": list_hash, "num_images": count, "shard_size": cfg.cache.shard_size,
+            "dtype": cfg.cache.dtype, "views": 1 + cfg.cache.views, "crop_scale": list(cfg.data.crop_scale),
+            "seed": cfg.run.seed}
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        diff = [f"{k}: cache has {old.get(k)!r}, config gives {v!r}" for k, v in meta.items() if old.get(k) != v]
+        if diff:
+            raise CacheError(f"{cache_dir} holds a different cache ({'; '.join(diff)}); choose another "
+                             "data.cache_dir or delete it")
+    else:
+        try:
+            atomic_write_text(meta_path, json.dumps(meta, indent=2))
+        except FileExistsError:
+            pass
+
+
+def _shard_views(cfg, res):
+    """-> one view maker per stored view: maker(index) -> (width, height) -> View (flip is done on the tensor)."""
+    makers = [lambda i: lambda w, h: draw_view(0, 0, i, w, h, res, crop="center", flip=False)]
+    for k in range(1, 1 + cfg.cache.views):
+        makers.append(lambda i, k=k: lambda w, h: draw_view(cfg.run.seed, k, i, w, h, res, "rrc",
+                                                             tuple(cfg.data.crop_scale), flip=False))
+    return makers
+
+
+def _build_shard(cache_dir, shard, items, lo, hi, res, vae, decoder, dtype, cfg, bar):
+    C, h, V = vae.latent_channels, res // vae.downsample, 1 + cfg.cache.views
+    out = np.empty((hi - lo, 2, V, 2, C, h, h), dtype=dtype)
+    kept, labels, skipped = [], [], []
+    stats = np.zeros((3, C))  # per channel: count, sum, sum of squares (float64)
+    makers = _shard_views(cfg, res)
+    for b0 in range(lo, hi, cfg.vae.encode_batch):
+        batch = list(range(b0, min(b0 + cfg.vae.encode_batch, hi)))
+        paths = [items[i][0] for i in batch]
+        views, good = [], [True] * len(batch)
+        for make in makers:  # a file that fails one view fails them all: it is skipped once
+            x, ok, errors = decoder.decode(paths, [make(i) for i in batch])
+            views.append((x, ok))
+            for j, err in enumerate(errors):
+                if err is not None and good[j]:
+                    good[j] = False
+                    if cfg.data.fatal_bad_images:
+                        raise CacheError(f"bad image (data.fatal_bad_images is set): {err}")
+                    log.warning("skipping bad image: %s", err)
+                    skipped.append({"path": paths[j], "error": err})
+        n = sum(good)
+        if n:
+            row = slice(len(kept), len(kept) + n)
+            for v, (x, ok) in enumerate(views):
+                keep = torch.tensor([g for g, o in zip(good, ok) if o], device=x.device)  # rows decoded in all views
+                x = x[keep]
+                mean, std = vae.encode(torch.cat([x, x.flip(-1)]))
+                out[row, 0, v] = torch.stack([mean[:n], mean[n:]], 1).float().cpu().numpy().astype(dtype)
+                out[row, 1, v] = torch.stack([std[:n], std[n:]], 1).float().cpu().numpy().astype(dtype)
+                if v == 0:
+                    m = mean[:n].double()
+                    stats += torch.stack([torch.full((C,), m[:, 0].numel(), dtype=torch.float64, device=m.device),
+                                          m.sum((0, 2, 3)), m.pow(2).sum((0, 2, 3))]).cpu().numpy()
+            kept += [i for i, g in zip(batch, good) if g]
+            labels += [int(items[i][1]) for i, g in zip(batch, good) if g]
+        bar.update(len(batch))
+    npy, js = _shard_paths(cache_dir, shard)
+    with atomic_path(npy) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, out[: len(kept)])
+    atomic_write_text(js, json.dumps({"indices": kept, "labels": labels, "skipped": skipped,
+                                      "stats": stats.tolist()}))
+
+
+def latent_stats(stats):
+    """Summed (count, sum, sum of squares) per channel -> (mean, std) lists."""
+    count, s1, s2 = np.asarray(stats)
+    mean = s1 / np.maximum(count, 1)
+    return mean.tolist(), np.sqrt(np.maximum(s2 / np.maximum(count, 1) - mean ** 2, 0)).tolist()
+
+
+def _write_manifest(cache_dir, cfg, vae, items, classes, num_shards, list_hash):
+    shards, count, skipped, stats = [], 0, [], 0
+    for i in range(num_shards):
+        npy, js = _shard_paths(cache_dir, i)
+        if not js.exists():
+            raise CacheError(f"{cache_dir}: shard {i} is missing after the build; run --stage cache again")
+        meta = json.loads(js.read_text())
+        shards.append({"file": npy.name, "count": len(meta["indices"])})
+        count += len(meta["indices"])
+        skipped += meta["skipped"]
+        stats = stats + np.asarray(meta["stats"])
+    if count == 0:
+        raise CacheError(f"{cache_dir}: every image failed to decode ({len(skipped)} skipped)")
+    res = cfg.data.resolution
+    mean, std = latent_stats(stats)
+    manifest = {
+        "format": FORMAT, "count": count, "num_images": len(items), "skipped": skipped,
+        "layout": "[n, (mean, std), view, (plain, flipped), C, h, w]", "dtype": cfg.cache.dtype,
+        "latent_channels": vae.latent_channels, "latent_size": res // vae.downsample, "resolution": res,
+        "crop": CROP_POLICY, "flip": True, "views": 1 + cfg.cache.views, "crop_scale": list(cfg.data.crop_scale),
+        "vae": vae.identity, "image_list_sha256": list_hash, "latent_mean": mean, "latent_std": std,
+        "num_classes": len(classes), "class_names": classes, "shards": shards,
+    }
+    atomic_write_text(cache_dir / "manifest.json", json.dumps(manifest, indent=1))
+    if skipped:
+        log.warning("cache: %d of %d images skipped as unreadable (listed in manifest.json 'skipped'):\n  %s",
+                    len(skipped), len(items), "\n  ".join(s["error"] for s in skipped[:20]))
+    log.info("cache ready: %s (%d latents of %d images); latent std per channel %.3g..%.3g (mean %.3g)",
+             cache_dir, count, len(items), min(std), max(std), float(np.mean(std)))
+    if not 0.5 < float(np.mean(std)) < 2:
+        log.warning("latents are far from unit scale (mean channel std %.3g): consider vae.scale=%.4g",
+                    float(np.mean(std)), cfg.vae.scale / float(np.mean(std)))
+
+
+def cache_status(cache_dir):
+    """'missing' (nothing there), 'partial' (shards without a manifest) or 'complete'."""
+    cache_dir = Path(cache_dir)
+    if (cache_dir / "manifest.json").exists():
+        return "complete"
+    return "partial" if cache_dir.is_dir() and any(cache_dir.glob("shard_*")) else "missing"
+
+
+def check_manifest(cache_dir, cfg):
+    """Load the manifest and refuse a partial or mismatched cache with a message that says what differs."""
+    cache_dir = Path(cache_dir)
+    status = cache_status(cache_dir)
+    if status == "missing":
+        raise CacheError(f"no latent cache at {cache_dir}: build it with `--stage cache` (same config)")
+    if status == "partial":
+        done = len(list(cache_dir.glob("shard_*.json")))
+        raise CacheError(f"latent cache {cache_dir} is partial ({done} shards, no manifest): an interrupted "
+                         "build; run `--stage cache` with the same config to finish it")
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    got = {"format": manifest.get("format"), "resolution": manifest.get("resolution"), "crop": manifest.get("crop"),
+           "vae.name": manifest.get("vae", {}).get("name"), "vae.scale": manifest.get("vae", {}).get("scale")}
+    diff = [f"{k}: cache has {got[k]!r}, config expects {v!r}" for k, v in expected_fields(cfg).items() if got[k] != v]
+    if diff:
+        raise CacheError(f"latent cache {cache_dir} does not match the config: " + "; ".join(diff))
+    for s in manifest["shards"]:
+        if not (cache_dir / s["file"]).exists():
+            raise CacheError(f"latent cache {cache_dir}: shard file {s['file']} listed in the manifest is missing")
+    return manifest
+
+
+class LatentCache:
+    """Memory-mapped view of a finished cache: `read(indices, flips, views)` -> (mean, std, labels) arrays."""
+
+    def __init__(self, cache_dir, manifest):
+        self.dir, self.manifest = Path(cache_dir), manifest
+        self._arrays = None  # opened lazily, so each DataLoader worker maps the files itself
+        labels, owner, row = [], [], []
+        for s_idx, s in enumerate(manifest["shards"]):
+            meta = json.loads((self.dir / s["file"].replace(".npy", ".json")).read_text())
+            labels += meta["labels"]
+            owner += [s_idx] * s["count"]
+            row += list(range(s["count"]))
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.owner, self.row = np.asarray(owner), np.asarray(row)
+
+    def __len__(self):
+        return len(self.labels)
+
+    @property
+    def views(self):
+        return self.manifest.get("views", 1)
+
+    def read(self, indices, flips, views=None):
+        if self._arrays is None:
+            self._arrays = [np.load(self.dir / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
+        first = self._arrays[0]
+        views = np.zeros(len(indices), dtype=np.int64) if views is None else views
+        out = np.empty((len(indices), 2) + first.shape[4:], dtype=first.dtype)
+        for j, (i, f, v) in enumerate(zip(indices, flips, views)):
+            out[j] = self._arrays[self.owner[i]][self.row[i], :, int(v), int(f)]
+        return out[:, 0], out[:, 1], self.labels[indices]

@@ -1,0 +1,46 @@
+"""The contract between the shared training loop (`usp_fast/engine.py`) and a stage (pretrain, generate, ...).
+
+The engine owns everything a stage shares: DeepSpeed set-up, the deterministic data stream over the latent
+cache, the lr schedule, precision, logging, checkpoints, exact resume and the progress bar. A stage says what
+the model is, how a micro-batch turns into a loss, and what to do after a step and at the end.
+"""
+
+
+class Task:
+    #: stage name as given to --stage
+    stage = ""
+    #: config groups/keys this stage adds to usp_fast.config.BASE_SCHEMA, e.g. {"ema": {"decay": 0.9999}}
+    schema = {}
+    #: does the stage need class labels from the cache
+    needs_labels = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def build_model(self, manifest):
+        """-> nn.Module. `manifest` is the latent cache's manifest dict (latent_channels, latent_size, num_classes...)."""
+        raise NotImplementedError
+
+    def param_groups(self, model):
+        """-> optimizer param groups (dicts with 'params' and 'weight_decay'); the engine sets each group's lr."""
+        raise NotImplementedError
+
+    def loss(self, model, batch, generator):
+        """One micro-batch -> (scalar loss tensor, {name: scalar tensor} extra metrics; no host syncs).
+        batch: {'latents': [B, C, H, W] on the device in the compute dtype, 'labels': [B] int64 (if needed)}.
+        generator: a torch.Generator on the device, seeded per (seed, step, micro-step, rank), for all randomness."""
+        raise NotImplementedError
+
+    def after_step(self, model, step):
+        """Called after each optimizer step (e.g. EMA update)."""
+
+    def state_dict(self):
+        """Extra state saved in checkpoints (e.g. EMA weights)."""
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def finish(self, model, run_dir, manifest, step, epoch):
+        """Called once on rank 0 at the end (e.g. export the encoder). Returns a dict of paths to report."""
+        return {}
