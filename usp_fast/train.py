@@ -86,7 +86,8 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", 0))
     setup_logging(rank, Path(cfg.run.out_dir) / cfg.run.name)
     rank, world, device = dist.init()
-    prepare_data(cfg, rank, world, device, build_missing=stage == "cache" or cfg.data.auto_cache)
+    online = cfg.data.source == "online"  # images are encoded per step: no cache to build or check
+    prepare_data(cfg, rank, world, device, build_missing=stage == "cache" or (cfg.data.auto_cache and not online))
     if stage == "cache":
         return {}
     task_cls = load_task_class(stage)

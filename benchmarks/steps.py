@@ -1,0 +1,348 @@
+"""The `steps` suite: whole training steps (forward, backward, optimizer, EMA where the stage has one).
+
+Cases: pretrain USP ViT-B/L/XL at per-GPU batch 128 and 256, and generate DiT/SiT-B/L/XL/2 at batch 32 to 256, on
+random latents already on the device (the "cached latents" path; reading the cache is the data suite's concern).
+Each case runs three implementations of the same model in one run:
+  usp-fast           USP_FAST_KERNELS=auto (Triton on CUDA), attention through usp_fast.models.attention
+                     (flash-attn when installed, else SDPA), eager
+  reference          USP_FAST_KERNELS=reference (the PyTorch reference ops), SDPA, eager
+  reference+compile  the same under torch.compile (skipped on CPU)
+A step is what usp_fast/engine.py does per optimizer step with one micro-batch: the stage's loss (the model's
+norm-pix MSE; DiT/SiT: label dropout + the objective's training_loss, as GenerateTask.loss), backward, AdamW
+(fused on CUDA) with the configs' hyper-parameters, the generate stage's EMA update.
+
+DeepSpeed is bypassed: the benchmark compares model implementations under identical optimizer math, and building a
+DeepSpeed engine per case (with torch.compile inside it) adds set-up and Python overhead that is not the models'.
+Its single-GPU bf16 mode is emulated instead: bf16 weights for forward/backward, fp32 master weights and gradients
+for AdamW, and the updated masters copied back into the bf16 weights.
+
+Timing: warm-up steps (compilation happens there), then each timed step between CUDA events (wall clock on CPU);
+the median. Peak memory: the largest allocation over warm-up and timed steps (weights, masters, optimizer state,
+EMA, activations). MFU: analytic training FLOPs (benchmarks/flops.py, 3 x forward) x img/s over the peak bf16
+FLOP/s measured in the same run by a large matmul.
+"""
+import contextlib
+import gc
+import os
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+import kernels
+from benchmarks import flops
+from usp_fast.diffusion import create_objective, default_objective
+from usp_fast.generate import EMA
+from usp_fast.models import attention, dit, usp_vit
+from usp_fast.models.dit import drop_labels
+from usp_fast.pretrain import decay_groups
+
+PRETRAIN_MODELS, PRETRAIN_BATCHES = ("usp_vit_b", "usp_vit_l", "usp_vit_xl"), (128, 256)
+GENERATE_MODELS = tuple(f"{family}-{size}/2" for family in ("DiT", "SiT") for size in ("B", "L", "XL"))
+GENERATE_BATCHES = (32, 64, 128, 256)
+
+# AdamW settings of configs/pretrain/vit_*.yaml and configs/generate/*.yaml (lr, weight decay, betas); the lr value
+# does not change the step time, weight decay on or off does (a little).
+OPTIM = {"pretrain": dict(lr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95)),
+         "generate": dict(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999))}
+EMA_DECAY = 0.9999
+CLASS_DROPOUT = 0.1
+
+# Datasheet dense bf16 tensor-core peaks (TFLOP/s), by torch.cuda.get_device_name. Only recorded beside the
+# measured peak, which is what MFU uses.
+DATASHEET_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.4,
+                         "NVIDIA H20": 148.0, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0}
+
+
+@dataclass(frozen=True)
+class Case:
+    stage: str          # 'pretrain' or 'generate'
+    model: str          # registry name
+    batch: int          # per-GPU batch
+    overrides: tuple = ()  # model config overrides, as (key, value) pairs
+
+    @property
+    def name(self):
+        return f"{self.stage}/{self.model}/b{self.batch}"
+
+    def config(self):
+        build = usp_vit.model_config if self.stage == "pretrain" else dit.model_config
+        return build(self.model, **dict(self.overrides))
+
+    def flops(self):
+        return (flops.usp_vit if self.stage == "pretrain" else flops.dit)(self.config())
+
+
+def paper_cases():
+    return ([Case("pretrain", m, b) for m in PRETRAIN_MODELS for b in PRETRAIN_BATCHES]
+            + [Case("generate", m, b) for m in GENERATE_MODELS for b in GENERATE_BATCHES])
+
+
+def tiny_cases():
+    """CPU smoke shapes: 8x8 latents (16 patches), the registry's test-sized models."""
+    small = (("input_size", 8),)
+    return [Case("pretrain", "usp_vit_test", 2, small),
+            Case("generate", "DiT-Test/2", 2, small + (("num_classes", 10),)),
+            Case("generate", "SiT-Test/2", 2, small + (("num_classes", 10),))]
+
+
+def select_cases(ctx, cases):
+    """Cases whose name (e.g. 'generate/DiT-XL/2/b32') matches ctx.cases, a regex (all when unset)."""
+    pattern = getattr(ctx, "cases", None)
+    return [c for c in cases if not pattern or re.search(pattern, c.name)]
+
+
+# ---- implementations ----
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    kernels: str       # USP_FAST_KERNELS value
+    force_sdpa: bool   # bypass flash-attn even when installed
+    compile: bool
+
+
+IMPLS = (Impl("usp-fast", "auto", False, False), Impl("reference", "reference", True, False),
+         Impl("reference+compile", "reference", True, True))
+
+
+@contextlib.contextmanager
+def implementation(impl, on_gpu):
+    """Switch the kernels dispatch and the attention picker for the duration of one case. On CPU the usp-fast
+    implementation forces the Triton kernels (through the interpreter run.py enables) so that the smoke run goes
+    through them; 'auto' would pick the references there."""
+    value = "triton" if impl.kernels == "auto" and not on_gpu else impl.kernels
+    saved_env, saved_flash = os.environ.get(kernels.ENV_VAR), attention.flash_attn_func
+    os.environ[kernels.ENV_VAR] = value
+    if impl.force_sdpa:
+        attention.flash_attn_func = None  # backend_name() then answers 'sdpa'
+    try:
+        yield
+    finally:
+        attention.flash_attn_func = saved_flash
+        if saved_env is None:
+            os.environ.pop(kernels.ENV_VAR, None)
+        else:
+            os.environ[kernels.ENV_VAR] = saved_env
+
+
+# ---- the training step ----
+
+class TrainStep:
+    """One optimizer step of `case` on fixed random latents (and labels), callable; returns the loss tensor."""
+
+    def __init__(self, case, device, dtype, compile_model):
+        cfg = case.config()
+        self.case, self.device = case, device
+        self.model = (usp_vit.USPViT(cfg) if case.stage == "pretrain" else dit.DiT(cfg)).to(device)
+        groups = decay_groups(self.model, OPTIM[case.stage]["weight_decay"])
+        self.params = [p for g in groups for p in g["params"]]
+        if dtype == torch.float32:
+            self.masters = None
+            opt_groups = groups
+        else:  # DeepSpeed-style bf16: fp32 masters and gradient buffers hold what AdamW updates
+            self.model.to(dtype)
+            self.masters = {p: p.detach().float() for p in self.params}
+            for m in self.masters.values():
+                m.grad = torch.zeros_like(m)
+            opt_groups = [{**g, "params": [self.masters[p] for p in g["params"]]} for g in groups]
+        o = OPTIM[case.stage]
+        self.optimizer = torch.optim.AdamW(opt_groups, lr=o["lr"], betas=o["betas"], fused=device.type == "cuda")
+        self.ema = EMA(self.model, EMA_DECAY) if case.stage == "generate" else None
+        self.forward_model = torch.compile(self.model) if compile_model else self.model
+
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(0)
+        C, side = (cfg.in_chans, cfg.input_size) if case.stage == "pretrain" else (cfg.in_channels, cfg.input_size)
+        self.latents = torch.randn(case.batch, C, side, side, generator=self.gen, device=device).to(dtype)
+        if case.stage == "generate":
+            self.labels = torch.randint(0, cfg.num_classes, (case.batch,), generator=self.gen, device=device)
+            self.objective = create_objective(default_objective(cfg.family), cfg.learn_sigma)
+            self.null_class = cfg.null_class
+
+    def loss(self):
+        if self.case.stage == "pretrain":  # PretrainTask.loss
+            return self.forward_model(self.latents, generator=self.gen)[0]
+        labels = drop_labels(self.labels, CLASS_DROPOUT, self.null_class, self.gen)  # GenerateTask.loss
+        return self.objective.training_loss(self.forward_model, self.latents, labels, self.gen)[0]
+
+    def __call__(self):
+        loss = self.loss()
+        loss.backward()
+        if self.masters is None:
+            self.optimizer.step()
+        else:
+            with torch.no_grad():
+                masters = list(self.masters.values())
+                torch._foreach_copy_([m.grad for m in masters], [p.grad for p in self.params])
+                self.optimizer.step()
+                torch._foreach_copy_(self.params, masters)
+        for p in self.params:
+            p.grad = None
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return loss.detach()
+
+
+# ---- timing ----
+
+def median_ms(on_gpu, fn, warmup, repeats):
+    """Median milliseconds of fn() after `warmup` untimed calls: CUDA events around each call (one sync at the
+    end, so calls queue as in training), wall clock on CPU."""
+    for _ in range(warmup):
+        fn()
+    if not on_gpu:
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(runs)
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+@lru_cache(maxsize=None)
+def _matmul_peak(device_type, n, dtype):
+    a = torch.randn(n, n, device=device_type).to(dtype)
+    b = torch.randn(n, n, device=device_type).to(dtype)
+    on_gpu = device_type == "cuda"
+    ms = median_ms(on_gpu, lambda: a @ b, warmup=5 if on_gpu else 1, repeats=50 if on_gpu else 3)
+    return 2 * n**3 / ms / 1e9  # TFLOP/s
+
+
+def peak_tflops(ctx):
+    """Peak matmul TFLOP/s measured here: an 8192^3 bf16 matmul on CUDA (cached per process, so every suite of a
+    run shares one figure); on CPU a small fp32 one, recorded only as a smoke value."""
+    if ctx.on_gpu:
+        name = torch.cuda.get_device_name(ctx.device)
+        return {"measured_tflops": _matmul_peak("cuda", 8192, torch.bfloat16), "how": "8192^3 bf16 matmul, median",
+                "datasheet_tflops": DATASHEET_BF16_TFLOPS.get(name),
+                "datasheet_note": "vendor datasheet, dense bf16 (not measured)"}
+    return {"measured_tflops": _matmul_peak("cpu", 256, torch.float32), "how": "256^3 fp32 matmul on CPU (smoke)",
+            "datasheet_tflops": None, "datasheet_note": None}
+
+
+def _release():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(ctx, case, impl, peak):
+    """One row: the step time, throughput, MFU and peak memory of `case` under `impl`."""
+    dtype = torch.bfloat16 if ctx.on_gpu else torch.float32  # bf16 arithmetic is broken in the Triton interpreter
+    warmup, repeats = (ctx.warmup, ctx.repeats) if ctx.on_gpu else (1, 2)
+    with implementation(impl, ctx.on_gpu):
+        step = None
+        try:
+            if ctx.on_gpu:
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+            step = TrainStep(case, ctx.device, dtype, impl.compile)
+            ms = median_ms(ctx.on_gpu, step, warmup, repeats)
+            loss = step().item()
+            peak_gib = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.on_gpu else None
+            row = {"kernels": kernels.backend(step.latents, "patch_norm_mse"),
+                   "attention": attention.backend_name(step.latents), "compiled": impl.compile}
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or the same raised through compiled code
+            if "out of memory" not in str(e):
+                raise
+            return {"oom": True}
+        finally:
+            del step
+            if impl.compile:
+                torch._dynamo.reset()
+            _release()
+    train_flops = case.flops().train
+    img_per_s = case.batch / ms * 1e3
+    achieved = train_flops * img_per_s / 1e12
+    return {**row, "dtype": str(dtype).replace("torch.", ""), "step_ms": ms, "img_per_s": img_per_s,
+            "train_gflop_per_img": train_flops / 1e9, "achieved_tflops": achieved,
+            "mfu": achieved / peak["measured_tflops"] if ctx.on_gpu else None, "peak_gib": peak_gib,
+            "final_loss": loss}
+
+
+@contextlib.contextmanager
+def cpu_threads(ctx, n):
+    """On CPU, run with n torch threads: the tiny smoke ops gain nothing from more, and on a shared, oversubscribed
+    machine OpenMP threads waiting on each other made a tiny step 100x slower."""
+    saved = torch.get_num_threads()
+    if not ctx.on_gpu:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def run_cases(ctx, cases):
+    with cpu_threads(ctx, 1):
+        return _run_cases(ctx, cases)
+
+
+def _run_cases(ctx, cases):
+    peak = peak_tflops(ctx)
+    impls = IMPLS if ctx.on_gpu else [i for i in IMPLS if not i.compile]
+    rows = {}
+    for case in cases:
+        for impl in impls:
+            rows[f"{case.name}/{impl.name}"] = {"stage": case.stage, "model": case.model, "batch": case.batch,
+                                                "impl": impl.name, **measure(ctx, case, impl, peak)}
+        if ctx.on_gpu:
+            mine = rows[f"{case.name}/usp-fast"]
+            for impl in impls[1:]:
+                other = rows[f"{case.name}/{impl.name}"]
+                if "step_ms" in mine and "step_ms" in other:
+                    mine[f"speedup_vs_{impl.name}"] = other["step_ms"] / mine["step_ms"]
+    return {
+        "peak": peak,
+        "timing": (f"median of {ctx.repeats} steps between CUDA events after {ctx.warmup} warm-up steps; "
+                   "bf16 weights, fp32 AdamW masters" if ctx.on_gpu else
+                   "CPU at tiny shapes, fp32, wall clock: NOT performance data; MFU not meaningful (None), no "
+                   "torch.compile baseline, no speed-ups, no GPU figures"),
+        "flops_convention": "matmul FLOPs, training = 3 x forward (benchmarks/flops.py)",
+        "rows": rows,
+    }
+
+
+def steps_suite(ctx):
+    return run_cases(ctx, select_cases(ctx, paper_cases() if not ctx.tiny else tiny_cases()))
+
+
+def fmt(value, spec=".1f"):
+    """A table cell: '-' for a figure that was not measured."""
+    return format(value, spec) if value is not None else "-"
+
+
+def print_header(header):
+    print(header)
+    print("-" * len(header))
+
+
+def print_steps(result, ctx):
+    peak = result["peak"]
+    print(f"peak matmul: {peak['measured_tflops']:.1f} TFLOP/s measured ({peak['how']}); datasheet "
+          f"{fmt(peak['datasheet_tflops'], '.1f')}   ({result['timing']})")
+    header = (f"{'case':<28}{'impl':<19}{'kernels':<10}{'attn':<11}{'step ms':>10}{'img/s':>10}{'MFU':>7}"
+              f"{'x fast':>8}{'GiB':>8}")
+    print_header(header)
+    for key, row in result["rows"].items():
+        case = key.rsplit("/", 1)[0]
+        if row.get("oom"):
+            print(f"{case:<28}{row['impl']:<19}out of memory")
+            continue
+        ratio = None
+        if ctx.on_gpu and row["impl"] != "usp-fast":
+            ratio = result["rows"][f"{case}/usp-fast"].get(f"speedup_vs_{row['impl']}")
+        print(f"{case:<28}{row['impl']:<19}{row['kernels']:<10}{row['attention']:<11}{row['step_ms']:>10.2f}"
+              f"{row['img_per_s']:>10.1f}{fmt(row['mfu'], '.1%'):>7}{fmt(ratio, '.2f'):>8}"
+              f"{fmt(row['peak_gib'], '.1f'):>8}")

