@@ -19,6 +19,16 @@ TINY_VAE = dict(
 RESOLUTION = 64  # -> 8x8 latents, 4x4 patches of 2x2
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and OpenMP spinning makes them many times slower when other
+    processes share the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory):
     from diffusers import AutoencoderKL

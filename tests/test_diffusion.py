@@ -9,13 +9,7 @@ from usp_fast.diffusion import GaussianDiffusion, LinearInterpolant, guided_mode
 from usp_fast.diffusion.gaussian import discretized_gaussian_log_likelihood, normal_kl
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP stalls when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 T = 1000
 

@@ -9,13 +9,7 @@ import kernels
 from usp_fast.models.dit import MODELS, build_model, drop_labels, model_config
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP stalls when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_paper_sizes():

@@ -14,13 +14,7 @@ from usp_fast.sample import load_generator
 from usp_fast.transfer import BLOCK_PARAMS
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP stalls when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen_cfg(tmp_path, cache_cfg, *overrides):

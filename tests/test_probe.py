@@ -75,16 +75,6 @@ def test_block_features_come_from_the_encoders_own_forward(lfw_setup):
         resolve_blocks([5], 2)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny heads gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP spinning makes each
-    step ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_linear_and_per_block_probe_beat_chance_on_held_out_faces(lfw_setup, lfw_folders, tiny_vae_dir, one_thread):
     tmp, export, _ = lfw_setup
     config = tmp / "probe.yaml"

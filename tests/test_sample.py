@@ -12,13 +12,7 @@ from usp_fast.generate import EMA, GenerateTask
 from usp_fast.sample import Sampler, batch_generator, load_generator, run, sample_latents
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP stalls when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make_generator(tmp_path, cache_cfg, model_name, *overrides):

@@ -8,13 +8,7 @@ from usp_fast.models.usp_vit import build_model as build_vit
 from usp_fast.transfer import BLOCK_PARAMS, TransferError, resize_pos_embed, transfer_to_classifier, transfer_to_dit
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP stalls when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
