@@ -48,8 +48,9 @@ def demo_images(tmp_path_factory):
     return root
 
 
-def make_cfg(tmp_path, images, vae_dir, *overrides):
-    """A tiny pretrain config over `images` with the tiny VAE; extra overrides as 'a.b=value'."""
+def make_cfg(tmp_path, images, vae_dir, *overrides, extra=None):
+    """A tiny pretrain config over `images` with the tiny VAE; extra overrides as 'a.b=value'; `extra`: a stage's
+    schema (Task.schema)."""
     base = [
         f"run.out_dir={tmp_path / 'runs'}", "run.name=t", f"data.root={images}",
         f"data.cache_dir={tmp_path / 'cache'}", f"data.resolution={RESOLUTION}", "data.num_workers=0",
@@ -57,7 +58,7 @@ def make_cfg(tmp_path, images, vae_dir, *overrides):
         "optim.lr=1e-3", "optim.warmup_epochs=1", "train.epochs=1000", "train.global_batch=8",
         "train.micro_batch=4", "train.log_every=1", "train.ckpt_every=1000", "train.zero_stage=0",
     ]
-    return load_config(None, base + list(overrides))
+    return load_config(None, base + list(overrides), extra=extra)
 
 
 @pytest.fixture(scope="session")

@@ -92,10 +92,89 @@ def test_linear_and_per_block_probe_beat_chance_on_held_out_faces(lfw_setup, lfw
     assert saved["accuracy"] == acc and saved["evaluated_on"].endswith("cache_val")
 
 
-def test_stage_probe_points_to_the_probe_cli():
-    from usp_fast.probe import ProbeTask
-    from usp_fast.train import load_task_class
+def test_stage_probe_runs_the_same_probe(lfw_setup, lfw_folders, tiny_vae_dir, one_thread):
+    """`train.py --stage probe` is the probe CLI behind the common entry point: same config, same result."""
+    from usp_fast.train import main as train_main
 
-    assert load_task_class("probe") is ProbeTask and "probe" in ProbeTask.schema
-    with pytest.raises(SystemExit, match="usp_fast/probe.py --config"):
-        ProbeTask(None)
+    tmp, export, _ = lfw_setup
+    config = tmp / "probe_cls.yaml"
+    config.write_text("probe:\n  pool: cls\n")
+    overrides = probe_overrides(lfw_folders, tmp, tiny_vae_dir, export) + ["train.epochs=20"]
+    direct = main(["--config", str(config), "--device", "cpu", *overrides])
+    staged = train_main(["--stage", "probe", "--config", str(config), *overrides])
+    assert set(staged["accuracy"]) == {"final"}
+    assert staged["accuracy"] == direct["accuracy"] and staged["history"] == direct["history"]
+
+
+@pytest.fixture(scope="session")
+def dit_generator(lfw_setup):
+    """A tiny DiT saved as a generate run's generator/ folder, its adaLN-Zero blocks given non-zero modulation so
+    the residual stream changes from block to block."""
+    from safetensors.torch import save_file
+
+    from usp_fast.generate import GENERATOR_FORMAT
+    from usp_fast.models.dit import build_model as build_dit
+
+    tmp, _, _ = lfw_setup
+    torch.manual_seed(0)
+    model = build_dit("DiT-Test/2", in_channels=4, input_size=RESOLUTION // 8, num_classes=2)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.adaLN_modulation[1].weight, std=0.05)
+    d = tmp / "generator"
+    d.mkdir()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(d / "model.safetensors"))
+    save_file(state, str(d / "ema.safetensors"))
+    (d / "generator.json").write_text(json.dumps({"format": GENERATOR_FORMAT, "model": "DiT-Test/2",
+                                                  "config": model.config_dict(), "objective": "ddpm", "step": 0}))
+    return d, model.eval()
+
+
+def test_dit_block_features_are_the_residual_stream(dit_generator):
+    from usp_fast.diffusion import create_objective
+    from usp_fast.probe import generator_features
+
+    _, model = dit_generator
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 10, 999]), torch.tensor([0, 1, 2])
+    feats = model.block_features(x, t, y, [0, 1])
+    # reference: the plain adaLN-Zero formula, block by block, on the un-fused path
+    tokens = model.x_embedder(x) + model.pos_embed
+    c = model.t_embedder(t) + model.y_embedder(y)
+    for i, block in enumerate(model.blocks):
+        sh1, sc1, g1, sh2, sc2, g2 = block.modulation(c)
+        ln = torch.nn.functional.layer_norm
+        h = ln(tokens, (tokens.shape[-1],), eps=1e-6) * (1 + sc1[:, None]) + sh1[:, None]
+        tokens = tokens + g1[:, None] * block.attn(h)
+        h = ln(tokens, (tokens.shape[-1],), eps=1e-6) * (1 + sc2[:, None]) + sh2[:, None]
+        tokens = tokens + g2[:, None] * block.mlp(h)
+        torch.testing.assert_close(feats[i], tokens.mean(1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(feats[0], feats[1])
+    # level 0.5 -> DiT timestep 500 of q_sample with the generator's noise, null class; the same seed repeats
+    objective = create_objective("ddpm")
+    a = generator_features(model, objective, x, [1], 0.5, torch.Generator().manual_seed(1))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    t500 = torch.full((3,), 500)
+    want = model.block_features(objective.q_sample(x, t500, noise), t500, torch.full((3,), 2), [1])[1]
+    torch.testing.assert_close(a["block_1"], want)
+    b1 = generator_features(model, objective, x, [1], 0.5, torch.Generator().manual_seed(1))
+    b2 = generator_features(model, objective, x, [1], 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(b1["block_1"], b2["block_1"]) and torch.equal(a["block_1"], b1["block_1"])
+    b3 = generator_features(model, objective, x, [1], 0.9, torch.Generator().manual_seed(1))
+    assert not torch.allclose(b1["block_1"], b3["block_1"])
+
+
+def test_per_block_probe_of_a_dit_beats_chance(lfw_setup, lfw_folders, tiny_vae_dir, dit_generator, one_thread):
+    tmp, _, _ = lfw_setup
+    gen_dir, _ = dit_generator
+    config = tmp / "probe_dit.yaml"
+    # level 0: the least noisy timestep (the tiny test VAE's latents have std ~0.03, below DiT noise at t > 10)
+    config.write_text("probe:\n  noise_level: 0.0\n")
+    overrides = [o for o in probe_overrides(lfw_folders, tmp, tiny_vae_dir, "") if not o.startswith("probe.encoder")]
+    result = main(["--config", str(config), "--device", "cpu", *overrides, f"probe.generator={gen_dir}",
+                   "run.name=probe_dit"])
+    acc = result["accuracy"]
+    assert set(acc) == {"block_0", "block_1"} and result["noise_level"] == 0.0
+    for name, a in acc.items():
+        assert a["top1"] >= 70.0, (name, acc)  # chance is 50% on the balanced held-out set
+    with pytest.raises(ValueError, match="exactly one of probe.encoder"):
+        main(["--config", str(config), "--device", "cpu", *overrides])

@@ -47,6 +47,7 @@ BASE_SCHEMA = {
         "crop_scale": [0.2, 1.0], # RandomResizedCrop area fraction range (online path and cache.views)
         "prefetch": 2,            # online: micro-batches decoded + encoded ahead of the training step
         "max_pixels": 100000000,  # larger images are skipped as bad input
+        "randaug": "",            # online: timm RandAugment (e.g. rand-m9-mstd0.5-inc1) on each crop; "" = off
     },
     "vae": {
         "name": "stabilityai/sd-vae-ft-ema",  # diffusers AutoencoderKL folder, TAESD weights folder, hub id (cached), random-sd

@@ -108,8 +108,7 @@ class Trainer:
         self.base_lr = o.lr if o.lr is not None else o.blr * t.global_batch / 256
 
         model = task.build_model(self.manifest).to(self.device)
-        optimizer = torch.optim.AdamW(task.param_groups(model), lr=self.base_lr, betas=tuple(o.betas),
-                                      fused=self.device.type == "cuda")
+        optimizer = task.build_optimizer(task.param_groups(model), self.base_lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.world, self.dtype))
         self.start_step = 0
@@ -212,8 +211,8 @@ class Trainer:
         self.engine.train()
         for step in range(self.start_step, end):
             lr = lr_at(step, cfg, self.steps_per_epoch, self.total_steps, self.base_lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            for group in self.optimizer.param_groups:  # lr_scale: e.g. layer-wise lr decay groups
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             for micro in range(self.plan.accum):
                 gen.manual_seed(step_seed(cfg.run.seed, step, micro, self.rank))
                 raw = next(batches)

@@ -13,8 +13,8 @@ and flipped) are computed once and every epoch trains the heads on them, drawing
 optimisation as running the encoder every step, at a fraction of the cost. A per-block probe trains one
 independent head per listed block (features after that block, before the final norm) in the same pass.
 
-This stage runs on its own rather than under `usp_fast/train.py --stage probe`: the shared engine builds AdamW
-for every stage, and the probe needs LARS.
+`usp_fast/train.py --stage probe --config ...` runs the same `run()` (on rank 0 only: one process does it all); it
+does not use the shared engine, because it trains heads on features extracted once, not on the per-step stream.
 """
 import argparse
 import json
@@ -37,6 +37,8 @@ log = logging.getLogger("usp_fast.probe")
 SCHEMA = {
     "probe": {
         "encoder": "",            # encoder export folder (runs/<pretrain>/export) from --stage pretrain
+        "generator": "",          # or a DiT/SiT: generate run's generator/ folder or a checkpoint folder (per-block)
+        "noise_level": 0.0,       # DiT/SiT features at this fraction of the way to noise (DiT t = level*999, SiT t)
         "pool": "cls",            # cls (the cls token after the final norm, MAE) or avg (mean of patch tokens)
         "blocks": [],             # per-block probe: block indices (-1 = all); empty = the final features only
         "val_cache_dir": "",      # latent cache of the validation images (same VAE, resolution); "" = train set
@@ -49,13 +51,9 @@ SCHEMA = {
 
 
 class ProbeTask(Task):
-    """`--stage probe` is not run by the shared engine: see the module docstring."""
+    """The probe stage's config schema; `train.py --stage probe` calls `run()` rather than the engine."""
     stage = "probe"
     schema = SCHEMA
-
-    def __init__(self, cfg):
-        raise SystemExit("the probe runs outside the shared engine (it needs LARS; the engine builds AdamW): "
-                         "python usp_fast/probe.py --config configs/probe/<name>.yaml")
 
 
 # ---- the frozen encoder ----
@@ -105,20 +103,63 @@ def encoder_features(model, latents, pool, blocks=()):
     return out
 
 
-def extract_cache_features(model, cache, pool, blocks, batch, device, dtype=torch.float16):
-    """Features of every cached latent, plain and flipped -> ({name: [N, 2, D]}, labels [N])."""
+def generator_features(model, objective, latents, blocks, noise_level, generator):
+    """Per-block features of a DiT/SiT (the paper's Figure 4): the residual stream after each listed block, averaged
+    over tokens, for latents noised to `noise_level` (DiT: timestep level x (T - 1); SiT: t = level) with the null
+    class (or class 0 without label dropout), so no label information enters."""
+    B = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    if model.cfg.family == "DiT":
+        t = torch.full((B,), round(noise_level * (objective.num_timesteps - 1)), dtype=torch.long, device=latents.device)
+        x = objective.q_sample(latents, t, noise)
+    else:
+        t = torch.full((B,), float(noise_level), device=latents.device)
+        x = objective.interpolate(latents, noise, t)
+    y = torch.full((B,), model.cfg.null_class or 0, dtype=torch.long, device=latents.device)
+    return {f"block_{i}": v for i, v in model.block_features(x, t, y, blocks).items()}
+
+
+def extract_cache_features(feature_fn, cache, batch, device, dtype=torch.float16):
+    """feature_fn(latents [b, C, H, W], batch_key) -> {name: [b, D]} over every cached latent, plain and flipped
+    -> ({name: [N, 2, D]}, labels [N]). batch_key numbers the calls, for deterministic per-batch noise."""
     n = len(cache)
     feats = {}
     for lo in range(0, n, batch):
         idx = np.arange(lo, min(lo + batch, n))
         for flip in (0, 1):
             mean, _, _ = cache.read(idx, np.full(len(idx), flip))
-            f = encoder_features(model, torch.from_numpy(mean).to(device).float(), pool, blocks)
+            f = feature_fn(torch.from_numpy(mean).to(device).float(), 2 * lo + flip)
             for k, v in f.items():
                 if k not in feats:
                     feats[k] = torch.empty(n, 2, v.shape[1], dtype=dtype)
                 feats[k][lo: lo + len(idx), flip] = v.to(dtype).cpu()
     return feats, torch.from_numpy(cache.labels.copy())
+
+
+def feature_source(p, seed, device):
+    """The frozen network named by probe.encoder or probe.generator -> (feature_fn, meta, depth)."""
+    if bool(p.encoder) == bool(p.generator):
+        raise ValueError("probe: set exactly one of probe.encoder (an encoder export) or probe.generator (a DiT/SiT "
+                         "generator/ folder or checkpoint folder)")
+    if p.encoder:
+        model, meta = load_frozen_encoder(p.encoder, device)
+        blocks = resolve_blocks(p.blocks, len(model.blocks))
+        return (lambda x, key: encoder_features(model, x, p.pool, blocks)), meta, model
+    from usp_fast.diffusion import create_objective
+    from usp_fast.sample import load_generator
+
+    if not 0.0 <= p.noise_level < 1.0:
+        raise ValueError(f"probe.noise_level {p.noise_level}: expected a fraction in [0, 1)")
+    model, meta = load_generator(p.generator)
+    model = model.to(device)
+    objective = create_objective(meta["objective"], model.cfg.learn_sigma)
+    blocks = resolve_blocks(p.blocks or [-1], len(model.blocks))
+
+    def fn(x, key):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + key)
+        return generator_features(model, objective, x, blocks, p.noise_level, gen)
+
+    return fn, meta, model
 
 
 # ---- heads and training ----
@@ -214,21 +255,18 @@ def run(cfg, device="cpu"):
     p = cfg.probe
     if p.pool not in ("cls", "avg"):
         raise ValueError(f"probe.pool {p.pool!r}: expected 'cls' or 'avg'")
-    if not p.encoder:
-        raise ValueError("probe.encoder is empty: set it to an encoder export folder (runs/<pretrain>/export)")
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, meta = load_frozen_encoder(p.encoder, device)
+    feature_fn, meta, _ = feature_source(p, cfg.run.seed, device)
     cache, manifest = open_cache(default_cache_dir(cfg), cfg)
     if meta.get("vae") and meta["vae"].get("fingerprint") != manifest["vae"].get("fingerprint"):
-        log.warning("the encoder was pretrained on latents of another VAE (%s) than this cache's (%s)",
+        log.warning("the network was trained on latents of another VAE (%s) than this cache's (%s)",
                     meta["vae"].get("name"), manifest["vae"].get("name"))
-    blocks = resolve_blocks(p.blocks, len(model.blocks))
     if p.feature_dtype not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"probe.feature_dtype {p.feature_dtype!r}: expected float16, bfloat16 or float32")
     fdtype = getattr(torch, p.feature_dtype)
     start = time.time()
-    feats, labels = extract_cache_features(model, cache, p.pool, blocks, p.feature_batch, device, fdtype)
+    feats, labels = extract_cache_features(feature_fn, cache, p.feature_batch, device, fdtype)
     log.info("features of %d latents (x2 flips) for %s in %.1fs", len(labels), sorted(feats), time.time() - start)
     t, o = cfg.train, cfg.optim
     lr = o.lr if o.lr is not None else o.blr * min(t.global_batch, len(labels)) / 256
@@ -237,13 +275,13 @@ def run(cfg, device="cpu"):
                                  cfg.run.seed, device, t.log_every)
     if p.val_cache_dir:
         val_cache, _ = open_cache(p.val_cache_dir, cfg)
-        val_feats, val_labels = extract_cache_features(model, val_cache, p.pool, blocks, p.feature_batch, device,
-                                                       fdtype)
+        val_feats, val_labels = extract_cache_features(feature_fn, val_cache, p.feature_batch, device, fdtype)
         split = str(p.val_cache_dir)
     else:
         val_feats, val_labels, split = feats, labels, "train (no probe.val_cache_dir given)"
     acc = accuracy(heads, val_feats, val_labels, device)
-    result = {"encoder": str(p.encoder), "encoder_step": meta.get("step"), "pool": p.pool, "evaluated_on": split,
+    result = {"network": str(p.encoder or p.generator), "step": meta.get("step"), "pool": p.pool,
+              "noise_level": p.noise_level if p.generator else None, "evaluated_on": split,
               "num_train": len(labels), "num_eval": len(val_labels), "num_classes": manifest["num_classes"],
               "accuracy": acc, "history": history, "config": to_dict(cfg)}
     (run_dir / "probe.json").write_text(json.dumps(result, indent=1))

@@ -22,8 +22,18 @@ class Task:
         raise NotImplementedError
 
     def param_groups(self, model):
-        """-> optimizer param groups (dicts with 'params' and 'weight_decay'); the engine sets each group's lr."""
+        """-> optimizer param groups (dicts with 'params' and 'weight_decay', optionally 'lr_scale');
+        the engine sets each group's lr."""
         raise NotImplementedError
+
+    def build_optimizer(self, param_groups, base_lr):
+        """-> a torch optimizer over `param_groups` (default: AdamW with optim.betas, fused on CUDA). Each step the
+        engine sets every group's lr to the scheduled lr times the group's optional `lr_scale` (default 1)."""
+        import torch
+
+        params = [p for g in param_groups for p in g["params"]]
+        fused = bool(params) and params[0].device.type == "cuda"
+        return torch.optim.AdamW(param_groups, lr=base_lr, betas=tuple(self.cfg.optim.betas), fused=fused)
 
     def loss(self, model, batch, generator):
         """One micro-batch -> (scalar loss tensor, {name: scalar tensor} extra metrics; no host syncs).

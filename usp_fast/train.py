@@ -90,6 +90,11 @@ def main(argv=None):
     prepare_data(cfg, rank, world, device, build_missing=stage == "cache" or (cfg.data.auto_cache and not online))
     if stage == "cache":
         return {}
+    if stage == "probe":  # trains heads on features extracted once, not on the per-step stream: no engine
+        from usp_fast.probe import run as run_probe
+        result = run_probe(cfg, device) if rank == 0 else {}  # single process: other ranks only wait
+        dist.barrier()
+        return result
     task_cls = load_task_class(stage)
     from usp_fast.engine import Trainer
     result = Trainer(cfg, task_cls(cfg), resume=args.resume).train()

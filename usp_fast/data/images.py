@@ -140,11 +140,12 @@ def center_crop(image, size):
 
 class View:
     """What to cut from an image: the window (top, left, height, width) in source pixels, resized to
-    size x size, then mirrored if `flip`. window=None means the ADM centre crop."""
-    __slots__ = ("window", "size", "flip")
+    size x size, then mirrored if `flip`. window=None means the ADM centre crop. `augment` (PIL image -> PIL
+    image, e.g. a seeded RandAugment) runs on the resized crop, before the flip; only the PIL decoder applies it."""
+    __slots__ = ("window", "size", "flip", "augment")
 
-    def __init__(self, window, size, flip=False):
-        self.window, self.size, self.flip = window, size, bool(flip)
+    def __init__(self, window, size, flip=False, augment=None):
+        self.window, self.size, self.flip, self.augment = window, size, bool(flip), augment
 
     def __repr__(self):
         return f"View(window={self.window}, size={self.size}, flip={self.flip})"
@@ -185,6 +186,8 @@ def apply_view(image, view):
         top, left, h, w = view.window
         # crop first: the resize filter must not reach outside the window (DALI slices before resizing)
         arr = np.asarray(image.crop((left, top, left + w, top + h)).resize((view.size, view.size), Image.BILINEAR))
+    if view.augment is not None:
+        arr = np.asarray(view.augment(Image.fromarray(arr)))
     return np.ascontiguousarray(arr[:, ::-1]) if view.flip else arr
 
 

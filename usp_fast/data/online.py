@@ -6,18 +6,61 @@ same pixels. A background thread keeps `data.prefetch` micro-batches decoded and
 GPU the encode runs on a side CUDA stream and the batch carries an event the training stream waits on.
 A file that cannot be decoded is logged by name, counted, and replaced by the next decodable image of the list
 (a deterministic choice, so batch sizes and resume are unaffected).
+With `data.randaug` set (fine-tuning), timm's RandAugment runs on each PIL crop in image space, before the VAE
+encode, seeded per (seed, epoch, index) so resume stays exact; DALI has no such hook, so decoding falls back to PIL.
 """
 import contextlib
 import logging
 import queue
+import random
 import threading
 
+import numpy as np
 import torch
 
 from .images import draw_view, list_images
 from .pipeline import make_decoder
 
 log = logging.getLogger(__name__)
+
+
+_GLOBAL_RNG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(seed):
+    """Python's and NumPy's global RNGs seeded with `seed` for the block (held by one thread at a time), then
+    restored: for library code (timm's RandAugment, Mixup) that draws from them, made a pure function of a seed."""
+    with _GLOBAL_RNG_LOCK:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class SeededRandAugment:
+    """timm's RandAugment (which draws from the global RNGs) made a pure function of (seed, epoch, index)."""
+
+    def __init__(self, config_str, size, seed):
+        from timm.data import rand_augment_transform
+        from timm.data.constants import IMAGENET_DEFAULT_MEAN
+
+        hparams = {"translate_const": int(size * 0.45),  # timm's defaults for its ImageNet RandAugment
+                   "img_mean": tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN)}
+        if "mmax" not in config_str:  # at magnitude 10 (reachable with mstd) timm's increasing posterize asks for
+            hparams["magnitude_max"] = 9.99  # 0 bits, which current Pillow rejects: stay just below it
+        self.transform, self.seed = rand_augment_transform(config_str, hparams), seed
+
+    def bind(self, epoch, index):
+        return lambda image: self(image, epoch, index)
+
+    def __call__(self, image, epoch, index):
+        with seeded_global_rngs(int(np.random.SeedSequence([self.seed, epoch, index, 0xA06]).generate_state(1)[0])):
+            return self.transform(image)
 
 
 class OnlineSource:
@@ -30,7 +73,12 @@ class OnlineSource:
             raise ValueError(f"data.resolution {d.resolution} is not a multiple of the VAE's downsampling "
                              f"{vae.downsample}")
         self.items, self.classes = list_images(d.root, d.file_list)
-        self.decoder = make_decoder(d.decoder, self.device, cfg.train.micro_batch, d.num_workers, d.max_pixels)
+        self.randaug = SeededRandAugment(d.randaug, d.resolution, cfg.run.seed) if d.randaug else None
+        decoder = d.decoder
+        if self.randaug is not None and decoder != "pil":
+            log.info("data.randaug is set: decoding with PIL (DALI has no image-space augmentation hook)")
+            decoder = "pil"
+        self.decoder = make_decoder(decoder, self.device, cfg.train.micro_batch, d.num_workers, d.max_pixels)
         self.bad = {}  # index -> error, for files found undecodable (deterministic: a property of the file)
         self.manifest = {
             "format": "online", "count": len(self.items), "num_images": len(self.items),
@@ -45,8 +93,13 @@ class OnlineSource:
 
     def _view_maker(self, index, epoch, flip):
         d = self.cfg.data
-        return lambda w, h: draw_view(self.cfg.run.seed, epoch, index, w, h, d.resolution, d.crop,
-                                      tuple(d.crop_scale), flip)
+        augment = self.randaug.bind(epoch, index) if self.randaug is not None else None
+
+        def make(w, h):
+            view = draw_view(self.cfg.run.seed, epoch, index, w, h, d.resolution, d.crop, tuple(d.crop_scale), flip)
+            view.augment = augment
+            return view
+        return make
 
     def images(self, indices, flips, epochs):
         """-> (images [B, 3, S, S] on the device, the indices actually used, labels). Undecodable files are

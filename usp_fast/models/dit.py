@@ -222,6 +222,16 @@ class DiT(nn.Module):
 
     def forward(self, x, t, y):
         """x [B, C, H, W] latents, t [B] timesteps, y [B] labels (null class allowed) -> [B, out_channels, H, W]."""
+        h, _ = self._trunk(x, t, y)
+        return kernels.unpatchify(self.final_layer.linear(h), self.cfg.patch_size, self.cfg.out_channels)
+
+    def block_features(self, x, t, y, blocks):
+        """The residual stream after each listed block, averaged over tokens: {i: [B, D]} (per-block probe)."""
+        _, kept = self._trunk(x, t, y, keep=set(blocks))
+        return {i: v.mean(1) for i, v in kept.items()}
+
+    def _trunk(self, x, t, y, keep=()):
+        """-> (modulated final-norm input of the final layer, {i: residual stream after block i for i in keep})."""
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         mods = [block.modulation(c) for block in self.blocks]
@@ -230,9 +240,12 @@ class DiT(nn.Module):
         nexts.append((self.final_layer.norm_final, *self.final_layer.modulation(c)))
         first = self.blocks[0].norm1
         h = kernels.ln_modulate(tokens, mods[0][0], mods[0][1], first.weight, first.bias, first.eps)
-        for block, mod, (norm, shift, scale) in zip(self.blocks, mods, nexts):
+        kept = {}
+        for i, (block, mod, (norm, shift, scale)) in enumerate(zip(self.blocks, mods, nexts)):
             tokens, h = block(tokens, h, mod, norm, shift, scale)
-        return kernels.unpatchify(self.final_layer.linear(h), self.cfg.patch_size, self.cfg.out_channels)
+            if i in keep:
+                kept[i] = tokens
+        return h, kept
 
     def config_dict(self):
         return asdict(self.cfg)
