@@ -113,3 +113,12 @@ def test_zero3_trains_and_exports_full_weights(tmp_path, built_cache, tiny_vae_d
     tensors, meta = load_encoder(_train(cfg)["export"])
     assert tensors["blocks.0.attn.qkv.weight"].shape == (96, 32)  # gathered, not a ZeRO-3 partition
     assert tensors["patch_embed.proj.weight"].abs().sum() > 0
+
+
+def test_load_encoder_names_a_missing_export(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'} does not exist"):
+        load_encoder(tmp_path / "nope")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "encoder.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="encoder.safetensors is missing"):
+        load_encoder(tmp_path / "half")

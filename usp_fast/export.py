@@ -32,6 +32,9 @@ def save_encoder(model, out_dir, model_name, vae_identity=None, resolution=None,
 def load_encoder(path):
     """-> (state_dict, meta). `path` is the export directory or its encoder.safetensors."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: expected an encoder export folder from --stage pretrain "
+                                "(runs/<name>/export)")
     d = path if path.is_dir() else path.parent
     st, js = d / "encoder.safetensors", d / "encoder.json"
     for f in (st, js):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .io import atomic_path, atomic_write_text
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -149,19 +150,19 @@ class FinetuneTask(Task):
 
         out = run_dir / "classifier"
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(out / "model.safetensors"))
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
         meta = {"encoder": self.cfg.finetune.encoder, "num_classes": self.num_classes,
                 "class_names": manifest.get("class_names"), "latent_size": manifest["latent_size"],
                 "vae": manifest["vae"], "step": step, "epoch": epoch}
-        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
         result = {"classifier": str(out / "model.safetensors")}
         f = self.cfg.finetune
         if f.val_cache_dir:
             latents, labels = load_cache_latents(f.val_cache_dir, self.cfg)
             acc = top_k(model, latents, labels, f.eval_batch, ks=(1, min(5, self.num_classes)))
             log.info("held-out %s: %s (%d images)", f.val_cache_dir, acc, len(labels))
-            (run_dir / "finetune.json").write_text(json.dumps({"val_cache_dir": f.val_cache_dir, **acc,
-                                                               "num_images": len(labels), "step": step}, indent=1))
+            atomic_write_text(run_dir / "finetune.json", json.dumps({"val_cache_dir": f.val_cache_dir, **acc,
+                                                                     "num_images": len(labels), "step": step}, indent=1))
             result.update(acc)
         return result

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from usp_fast.io import atomic_path, atomic_write_text  # noqa: E402
 from usp_fast.task import Task  # noqa: E402
 
 log = logging.getLogger("usp_fast.probe")
@@ -284,8 +285,9 @@ def run(cfg, device="cpu"):
               "noise_level": p.noise_level if p.generator else None, "evaluated_on": split,
               "num_train": len(labels), "num_eval": len(val_labels), "num_classes": manifest["num_classes"],
               "accuracy": acc, "history": history, "config": to_dict(cfg)}
-    (run_dir / "probe.json").write_text(json.dumps(result, indent=1))
-    torch.save({k: h.state_dict() for k, h in heads.items()}, run_dir / "probe_heads.pt")
+    atomic_write_text(run_dir / "probe.json", json.dumps(result, indent=1))
+    with atomic_path(run_dir / "probe_heads.pt") as tmp:
+        torch.save({k: h.state_dict() for k, h in heads.items()}, tmp)
     for k in sorted(acc, key=lambda s: (s == "final", int(s.split("_")[1]) if s != "final" else 0)):
         print(f"{k}: top-1 {acc[k]['top1']:.2f}%  top-5 {acc[k]['top5']:.2f}%")
     print(f"written to {run_dir / 'probe.json'} (evaluated on {split})")

@@ -34,6 +34,7 @@ from usp_fast.diffusion import create_objective, guided_model  # noqa: E402
 from usp_fast.diffusion import sample as run_sampler  # noqa: E402
 from usp_fast.engine import complete_checkpoints, step_seed  # noqa: E402
 from usp_fast.generate import GENERATOR_FORMAT, GenerateTask  # noqa: E402
+from usp_fast.io import atomic_path, atomic_write_text  # noqa: E402
 from usp_fast.models.dit import DiT, DiTConfig  # noqa: E402
 
 log = logging.getLogger("usp_fast.sample")
@@ -120,8 +121,9 @@ def save_grid(images, path, cols=None):
 
 def npy_to_npz(npy_path, npz_path):
     """Wrap a .npy as 'arr_0' of an uncompressed .npz without loading it (50k images do not fit comfortably)."""
-    with zipfile.ZipFile(npz_path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        zf.write(npy_path, arcname="arr_0.npy")
+    with atomic_path(npz_path) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            zf.write(npy_path, arcname="arr_0.npy")
 
 
 class Sampler:
@@ -187,7 +189,7 @@ class Sampler:
                 "method": self.method, "steps": s.steps, "cfg_scale": s.cfg_scale, "cfg_channels": s.cfg_channels,
                 "ema": s.ema, "seed": s.seed, "num_images": s.num_images, "batch": s.batch, "image_size": self.side,
                 "precision": s.precision, "world_size": world}
-        (self.out / "samples.json").write_text(json.dumps(info, indent=1))
+        atomic_write_text(self.out / "samples.json", json.dumps(info, indent=1))
         log.info("wrote %s and %s", npz, self.out / "grid.png")
         return {"npz": str(npz), "grid": str(self.out / "grid.png")}
 

@@ -23,7 +23,7 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
 from ..data.images import IMAGE_EXTENSIONS, load_rgb
-from ..io import atomic_path
+from ..io import atomic_path, atomic_write_text
 from .inception import SPATIAL, build_extractor, converted_weights_path, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -243,5 +243,5 @@ def write_result(result, out_path, protocol):
     doc = {"metrics": {k: v for k, v in result.items() if k not in ("reference", "inception", "num_samples")},
            "protocol": protocol | {"num_samples": result["num_samples"]},
            "reference": result["reference"], "inception": result["inception"]}
-    Path(out_path).write_text(json.dumps(doc, indent=1))
+    atomic_write_text(out_path, json.dumps(doc, indent=1))
     return doc
