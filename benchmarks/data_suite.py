@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 SHARED = REPO / ".." / "shared"
 
 
@@ -90,7 +89,7 @@ def _stall(root, vae_name, decoder_kind, workers, device, size, micro, steps):
     from usp_fast.config import load_config
     from usp_fast.data.online import OnlineSource
     from usp_fast.data.stream import StreamPlan
-    from usp_fast.pretrain import PretrainTask
+    from usp_fast.stages.pretrain import PretrainStage
     from usp_fast.vae import load_vae
 
     cfg = load_config(None, [f"data.root={root}", "data.source=online", f"data.decoder={decoder_kind}",
@@ -98,7 +97,7 @@ def _stall(root, vae_name, decoder_kind, workers, device, size, micro, steps):
                              f"train.micro_batch={micro}", f"train.global_batch={micro}", "vae.scale=1.0",
                              f"vae.name={vae_name}"])
     src = OnlineSource(cfg, load_vae(vae_name, 1.0, device=device), device)
-    task = PretrainTask(cfg)
+    task = PretrainStage(cfg)
     model = task.build_model(src.manifest).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator(device=device)

@@ -37,7 +37,6 @@ if not torch.cuda.is_available():  # must precede the first import of triton / k
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 SUITES = {}    # name -> fn(ctx) -> JSON-able dict
 PRINTERS = {}  # name -> fn(result, ctx) printing the suite's table
@@ -225,7 +224,7 @@ class _Inputs:
 
 def _keep_gather_case(ctx, inp):
     """Encoder keep-gather, pretrain ViT-XL; the pos-emb is a fixed fp32 buffer, x gets the gradient."""
-    from kernels import masked_tokens
+    from usp_fast_kernels import masked_tokens
 
     B, L, K, D = (2, 16, 4, 64) if ctx.tiny else (256, 196, 49, 1152)
     x, pos, ids = inp.randn(B, L, D, grad=True), inp.randn(L, D, dtype=torch.float32), inp.permutations(B, L)[:, :K]
@@ -240,7 +239,7 @@ def _keep_gather_case(ctx, inp):
 
 def _unshuffle_case(ctx, inp):
     """Decoder unshuffle, pretrain ViT-XL decoder (width 512, one cls prefix); y and the mask token get grads."""
-    from kernels import masked_tokens
+    from usp_fast_kernels import masked_tokens
 
     B, L, K, D, P = (2, 16, 4, 32, 1) if ctx.tiny else (256, 196, 49, 512, 1)
     y, mask_token = inp.randn(B, P + K, D, grad=True), inp.randn(D, grad=True)
@@ -261,7 +260,7 @@ def _unshuffle_case(ctx, inp):
 
 def _patch_norm_mse_case(ctx, inp):
     """Norm-pix MSE on the pretrain decoder's prediction: 28x28x4 latents in 2x2 patches."""
-    mse = importlib.import_module("kernels.patch_norm_mse")  # `kernels.patch_norm_mse` is the dispatching function
+    mse = importlib.import_module("usp_fast_kernels.patch_norm_mse")  # the package attribute is the dispatcher
 
     B, C, side, p = (2, 4, 8, 2) if ctx.tiny else (256, 4, 28, 2)
     L = (side // p) ** 2
@@ -275,7 +274,7 @@ def _patch_norm_mse_case(ctx, inp):
 
 def _adaln_cases(ctx, inp):
     """The adaLN ops at DiT-XL/2, 256px (no LayerNorm affine, as DiT)."""
-    from kernels import adaln
+    from usp_fast_kernels import adaln
 
     B, T, D = (2, 8, 64) if ctx.tiny else (256, 256, 1152)
     x, y = inp.randn(B, T, D, grad=True), inp.randn(B, T, D, grad=True)
@@ -421,8 +420,8 @@ def _print_kernels(result, on_gpu):
 
 # ---- suites in their own modules; `--suite all` runs them in ALL_ORDER, then any others ----
 
-from benchmarks import cost, steps  # noqa: E402 (after sys.path is set)
-from benchmarks.data_suite import data_suite, print_data  # noqa: E402
+from usp_fast_benchmarks import cost, steps  # noqa: E402 (after TRITON_INTERPRET is set)
+from usp_fast_benchmarks.data_suite import data_suite, print_data  # noqa: E402
 
 suite("data", printer=print_data)(data_suite)
 suite("steps", printer=steps.print_steps)(steps.steps_suite)

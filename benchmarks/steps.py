@@ -8,7 +8,7 @@ Each case runs three implementations of the same model in one run:
   reference          USP_FAST_KERNELS=reference (the PyTorch reference ops), SDPA, eager
   reference+compile  the same under torch.compile (skipped on CPU)
 A step is what usp_fast/engine.py does per optimizer step with one micro-batch: the stage's loss (the model's
-norm-pix MSE; DiT/SiT: label dropout + the objective's training_loss, as GenerateTask.loss), backward, AdamW
+norm-pix MSE; DiT/SiT: label dropout + the objective's training_loss, as GenerateStage.loss), backward, AdamW
 (fused on CUDA) with the configs' hyper-parameters, the generate stage's EMA update.
 
 DeepSpeed is bypassed: the benchmark compares model implementations under identical optimizer math, and building a
@@ -32,13 +32,13 @@ from functools import lru_cache
 
 import torch
 
-import kernels
-from benchmarks import flops
+import usp_fast_kernels as kernels
+from usp_fast_benchmarks import flops
 from usp_fast.diffusion import create_objective, default_objective
-from usp_fast.generate import EMA
+from usp_fast.ema import EMA
 from usp_fast.models import attention, dit, usp_vit
 from usp_fast.models.dit import drop_labels
-from usp_fast.pretrain import decay_groups
+from usp_fast.optim import decay_groups
 
 PRETRAIN_MODELS, PRETRAIN_BATCHES = ("usp_vit_b", "usp_vit_l", "usp_vit_xl"), (128, 256)
 GENERATE_MODELS = tuple(f"{family}-{size}/2" for family in ("DiT", "SiT") for size in ("B", "L", "XL"))
@@ -164,9 +164,9 @@ class TrainStep:
             self.null_class = cfg.null_class
 
     def loss(self):
-        if self.case.stage == "pretrain":  # PretrainTask.loss
+        if self.case.stage == "pretrain":  # PretrainStage.loss
             return self.forward_model(self.latents, generator=self.gen)[0]
-        labels = drop_labels(self.labels, CLASS_DROPOUT, self.null_class, self.gen)  # GenerateTask.loss
+        labels = drop_labels(self.labels, CLASS_DROPOUT, self.null_class, self.gen)  # GenerateStage.loss
         return self.objective.training_loss(self.forward_model, self.latents, labels, self.gen)[0]
 
     def __call__(self):

@@ -1,20 +1,24 @@
 """The one dispatch layer for fused ops. Models call only the functions defined here.
 
 Which implementation runs is decided in `backend()` alone, from the environment variable USP_FAST_KERNELS:
-  auto (default)  Triton for CUDA tensors when triton imports and the op has a kernel, else the PyTorch reference
+  auto (default)  Triton for CUDA tensors when triton is installed and the op has a kernel, else the PyTorch reference
   triton          Triton always (CPU tensors only under TRITON_INTERPRET=1, which the tests use)
   reference       the PyTorch reference always
-Each op's module holds its reference (`*_reference`) and, where written, its Triton path (`*_triton`).
+Each op's module holds its reference (`*_reference`) and, where written, its Triton path (`*_triton`, an
+autograd.Function whose `@triton.jit` kernels sit in the matching `_<op>_jit.py`).
+
+triton is optional: nothing here imports it, so this package imports and runs the references without it
+(`auto` then picks the reference; `triton` raises). It is imported at the first launch of a Triton kernel.
+Installed as `usp_fast_kernels` (setup.py maps the folder kernels/ to that name).
 """
 import importlib.util
 import os
 
 from . import adaln, masked_tokens, patch_norm_mse
-from .patch_norm_mse import patchify, unpatchify
 
 ENV_VAR = "USP_FAST_KERNELS"
 _CHOICES = ("auto", "triton", "reference")
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # looks triton up without importing it
 
 
 def backend(tensor, op):
@@ -64,7 +68,7 @@ def unshuffle(y, mask_token, ids_restore, pos=None, num_prefix=0):
 
 
 def patch_norm_mse(pred, target, mask, patch_size, norm_pix=True, eps=1e-6):
-    """MAE norm-pix MSE over masked patches -> fp32 scalar. See kernels/patch_norm_mse.py."""
+    """MAE norm-pix MSE over masked patches -> fp32 scalar. See patch_norm_mse.py."""
     return _call("patch_norm_mse", pred, pred, target, mask, patch_size, norm_pix, eps)
 
 
@@ -82,5 +86,5 @@ def gate_residual_ln_modulate(x, gate, y, shift, scale, weight=None, bias=None, 
 
 __all__ = [
     "backend", "keep_gather", "unshuffle", "patch_norm_mse", "ln_modulate", "gate_residual",
-    "gate_residual_ln_modulate", "patchify", "unpatchify", "ENV_VAR",
+    "gate_residual_ln_modulate", "ENV_VAR",
 ]

@@ -1,8 +1,8 @@
-"""Launch sizing and layout helpers shared by the Triton paths of the fused ops."""
+"""Launch sizing and layout helpers shared by the Triton paths of the fused ops. Plain Python and torch: importing
+this module does not import triton (the `@triton.jit` kernels live in the `_*_jit` modules, loaded on first launch)."""
 import functools
 
 import torch
-import triton
 
 # Elements one program touches per loop step: big enough to keep loads in flight, small enough for registers.
 TILE_ELEMENTS = 4096
@@ -17,7 +17,8 @@ def cdiv(a, b):
 
 
 def next_pow2(n):
-    return triton.next_power_of_2(max(int(n), 1))
+    """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def col_block(width, max_block=256, min_block=64):

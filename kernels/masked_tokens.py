@@ -11,6 +11,8 @@ Index contract (set by the model's random masking):
 """
 import torch
 
+from . import _triton_utils as tu
+
 
 def _check_index(name, ids, batch, upper):
     if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2 or ids.shape[0] != batch:
@@ -54,77 +56,16 @@ def unshuffle_reference(y, mask_token, ids_restore, pos=None, num_prefix=0):
 #   keep_gather bwd:  r over L rows, ids = inverse of ids_keep (K where dropped), gather (zeros), d(pos) = sum_b
 #   unshuffle fwd:    r over P+L rows, ids = ids_restore, gather with the mask token as fill, pos by output row
 #   unshuffle bwd:    r over P+L rows, ids = ids_restore, scatter into d(y), d(pos) = sum_b, d(mask) = masked sum
+# The @triton.jit kernel is in _masked_tokens_jit.py, imported at the first launch: this module needs no triton.
 # ---------------------------------------------------------------------------------------------------------------
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from . import _triton_utils as tu  # noqa: E402
-
-
-@triton.jit
-def _move_rows_kernel(
-    out_ptr, src_ptr, ids_ptr, pos_ptr, fill_ptr, row_sum_ptr, masked_sum_ptr,
-    B, R, D, P, n_valid, batches_per_program,
-    s_out_b, s_out_r, s_src_b, s_src_r, s_ids_b,
-    SCATTER: tl.constexpr, HAS_POS: tl.constexpr, POS_BY_SOURCE: tl.constexpr, HAS_FILL: tl.constexpr,
-    ROW_SUM: tl.constexpr, MASKED_SUM: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_r = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    r = pid_r * ROWS + tl.arange(0, ROWS)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = r < R
-    col_ok = cols < D
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    is_prefix = r < P
-
-    if HAS_FILL:
-        fill = tl.load(fill_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    row_acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
-    masked_acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
-
-    b_start = pid_b * batches_per_program
-    n_batches = tl.minimum(batches_per_program, B - b_start)
-    for i in range(0, n_batches):
-        b64 = b_start.to(tl.int64) + i
-        ids = tl.load(ids_ptr + b64 * s_ids_b + (r - P), mask=row_ok & ~is_prefix, other=0).to(tl.int64)
-        c = tl.where(is_prefix, r.to(tl.int64), P + ids)
-        valid = row_ok & (is_prefix | (ids < n_valid))
-        valid_tile = valid[:, None] & col_ok[None, :]
-        if SCATTER:
-            vals = tl.load(src_ptr + b64 * s_src_b + r[:, None].to(tl.int64) * s_src_r + cols[None, :],
-                           mask=tile_ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + b64 * s_out_b + c[:, None] * s_out_r + cols[None, :],
-                     vals.to(out_ptr.dtype.element_ty), mask=valid_tile)
-        else:
-            vals = tl.load(src_ptr + b64 * s_src_b + c[:, None] * s_src_r + cols[None, :],
-                           mask=valid_tile, other=0.0).to(tl.float32)
-            if HAS_FILL:
-                vals = tl.where(valid[:, None], vals, fill[None, :])
-            if HAS_POS:
-                pos_row = c if POS_BY_SOURCE else r.to(tl.int64)
-                vals += tl.load(pos_ptr + pos_row[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-            vals = vals.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + b64 * s_out_b + r[:, None].to(tl.int64) * s_out_r + cols[None, :], vals, mask=tile_ok)
-            vals = vals.to(tl.float32)
-        if ROW_SUM:
-            row_acc += vals
-        if MASKED_SUM:
-            masked_acc += tl.where(valid_tile, 0.0, vals)
-
-    if ROW_SUM:  # partial [programs along the batch, R, D]
-        part = row_sum_ptr + pid_b.to(tl.int64) * R * D
-        tl.store(part + r[:, None] * D + cols[None, :], row_acc, mask=tile_ok)
-    if MASKED_SUM:  # partial [programs along the batch, row blocks, D]
-        part = masked_sum_ptr + (pid_b * tl.num_programs(0) + pid_r).to(tl.int64) * D
-        tl.store(part + cols, tl.sum(masked_acc, axis=0), mask=col_ok)
 
 
 def _move_rows(out, src, ids, *, rows, prefix, n_valid, scatter=False, pos=None, pos_by_source=False, fill=None,
                row_sum=False, masked_sum=False):
     """Launch `_move_rows_kernel` over `rows` index rows per batch row. Returns the fp32 partials
     (row sums [n, rows, D], masked sums [n, row blocks, D]) that were asked for, else None."""
+    from ._masked_tokens_jit import _move_rows_kernel  # the first launch imports triton
+
     B, D = src.shape[0], src.shape[2]
     block_d = tu.col_block(D)
     tile_rows = min(tu.rows_per_tile(block_d), tu.next_pow2(rows))

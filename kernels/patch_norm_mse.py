@@ -8,9 +8,12 @@ error is averaged over a patch, then over masked patches. Accumulation is fp32 w
 """
 import torch
 
+from . import _triton_utils as tu
 
-def patchify(x, p):
-    """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C]."""
+
+def _patchify(x, p):
+    """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C]: the reference path's target layout. The same reshape as
+    usp_fast.models.layers.patchify (this package does not import usp_fast; a test keeps the two equal)."""
     B, C, H, W = x.shape
     if H % p or W % p:
         raise ValueError(f"patchify: latent size {H}x{W} is not divisible by patch size {p}")
@@ -19,18 +22,8 @@ def patchify(x, p):
     return torch.einsum("bchpwq->bhwpqc", x).reshape(B, h * w, p * p * C)
 
 
-def unpatchify(x, p, channels):
-    """[B, L, p*p*C] -> [B, C, H, W] for a square grid."""
-    B, L, _ = x.shape
-    h = w = int(round(L**0.5))
-    if h * w != L:
-        raise ValueError(f"unpatchify: {L} patches do not form a square grid")
-    x = x.reshape(B, h, w, p, p, channels)
-    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, h * p, w * p)
-
-
 def patch_norm_mse_reference(pred, target, mask, patch_size, norm_pix=True, eps=1e-6):
-    t = patchify(target.float(), patch_size)
+    t = _patchify(target.float(), patch_size)
     if norm_pix:
         mean = t.mean(dim=-1, keepdim=True)
         var = t.var(dim=-1, keepdim=True, unbiased=True)
@@ -45,61 +38,16 @@ def patch_norm_mse_reference(pred, target, mask, patch_size, norm_pix=True, eps=
 # latents through its strides (no patchified copy), normalises them in registers and writes one partial loss sum
 # and one partial mask count; the partials are summed in a fixed order. The backward recomputes the normalised
 # target (cheaper than storing it) and writes d(pred) only.
+# The @triton.jit kernel is in _patch_norm_mse_jit.py, imported at the first launch: this module needs no triton.
 # ---------------------------------------------------------------------------------------------------------------
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from . import _triton_utils as tu  # noqa: E402
 
 # Patches per program: ~1K elements keeps many programs in flight for the small decoder head.
 _PATCH_TILE_ELEMENTS = 1024
 
 
-@triton.jit
-def _patch_norm_mse_kernel(
-    pred_ptr, target_ptr, mask_ptr, coef_ptr, loss_part_ptr, mask_part_ptr, dpred_ptr,
-    n_patches, L, grid_w, N, C,
-    s_pred_b, s_pred_l, s_t_b, s_t_c, s_t_h, s_t_w, eps,
-    P: tl.constexpr, NORM_PIX: tl.constexpr, BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    e = tl.arange(0, BLOCK_N)
-    row_ok = rows < n_patches
-    ok = row_ok[:, None] & (e < N)[None, :]
-
-    b = (rows // L).to(tl.int64)
-    l = rows % L
-    h0 = (l // grid_w) * P
-    w0 = (l % grid_w) * P
-    # element e of a patch row is (p_row, p_col, channel), channel fastest, as `patchify` lays it out
-    p_row = e // (P * C)
-    p_col = (e // C) % P
-    chan = e % C
-    t_off = (b * s_t_b + h0.to(tl.int64) * s_t_h + w0.to(tl.int64) * s_t_w)[:, None] \
-        + (chan.to(tl.int64) * s_t_c + p_row * s_t_h + p_col * s_t_w)[None, :]
-    t = tl.load(target_ptr + t_off, mask=ok, other=0.0).to(tl.float32)
-    if NORM_PIX:
-        mean = tl.sum(t, axis=1) / N
-        centred = tl.where(ok, t - mean[:, None], 0.0)
-        var = tl.sum(centred * centred, axis=1) / (N - 1)
-        t = centred / tl.sqrt(var + eps)[:, None]
-
-    pred_off = (b * s_pred_b + l.to(tl.int64) * s_pred_l)[:, None] + e[None, :]
-    pred = tl.load(pred_ptr + pred_off, mask=ok, other=0.0).to(tl.float32)
-    diff = tl.where(ok, pred - t, 0.0)
-    m = tl.load(mask_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if BACKWARD:
-        coef = tl.load(coef_ptr)  # d(loss) * 2 / (N * number of masked patches)
-        dpred = diff * (m * coef)[:, None]
-        tl.store(dpred_ptr + rows.to(tl.int64)[:, None] * N + e[None, :], dpred.to(dpred_ptr.dtype.element_ty), mask=ok)
-    else:
-        per_patch = tl.sum(diff * diff, axis=1) / N
-        tl.store(loss_part_ptr + pid, tl.sum(per_patch * m, axis=0))
-        tl.store(mask_part_ptr + pid, tl.sum(m, axis=0))
-
-
 def _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, coef=None, dpred=None):
+    from ._patch_norm_mse_jit import _patch_norm_mse_kernel  # the first launch imports triton
+
     B, L, N = pred.shape
     C, W = target.shape[1], target.shape[3]
     block_n = tu.next_pow2(N)

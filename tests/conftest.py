@@ -48,9 +48,8 @@ def demo_images(tmp_path_factory):
     return root
 
 
-def make_cfg(tmp_path, images, vae_dir, *overrides, extra=None):
-    """A tiny pretrain config over `images` with the tiny VAE; extra overrides as 'a.b=value'; `extra`: a stage's
-    schema (Task.schema)."""
+def make_cfg(tmp_path, images, vae_dir, *overrides, stage="pretrain"):
+    """A tiny config of `stage` over `images` with the tiny VAE; extra overrides as 'a.b=value'."""
     base = [
         f"run.out_dir={tmp_path / 'runs'}", "run.name=t", f"data.root={images}",
         f"data.cache_dir={tmp_path / 'cache'}", f"data.resolution={RESOLUTION}", "data.num_workers=0",
@@ -58,7 +57,7 @@ def make_cfg(tmp_path, images, vae_dir, *overrides, extra=None):
         "optim.lr=1e-3", "optim.warmup_epochs=1", "train.epochs=1000", "train.global_batch=8",
         "train.micro_batch=4", "train.log_every=1", "train.ckpt_every=1000", "train.zero_stage=0",
     ]
-    return load_config(None, base + list(overrides), extra=extra)
+    return load_config(None, base + list(overrides), stage=stage)
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +70,16 @@ def built_cache(tmp_path_factory, demo_images, tiny_vae_dir):
     cfg = make_cfg(tmp, demo_images, tiny_vae_dir)
     build_cache(cfg, load_vae(str(tiny_vae_dir)), torch.device("cpu"))
     return cfg
+
+
+def gen_cfg(tmp_path, cache_cfg, *overrides):
+    """A tiny generate config over the shared test cache (64 px -> 8x8 latents -> 4x4 tokens of DiT-Test/2)."""
+    base = [
+        f"run.out_dir={tmp_path / 'runs'}", "run.name=g", f"data.root={cache_cfg.data.root}",
+        f"data.cache_dir={cache_cfg.data.cache_dir}", f"data.resolution={cache_cfg.data.resolution}",
+        "data.num_workers=0", f"vae.name={cache_cfg.vae.name}", "model.name=DiT-Test/2", "optim.lr=2e-3",
+        "optim.weight_decay=0.0", "optim.warmup_epochs=0", "optim.schedule=constant", "optim.betas=[0.9,0.999]",
+        "train.epochs=1000", "train.global_batch=8", "train.micro_batch=4", "train.log_every=1",
+        "train.ckpt_every=1000", "train.zero_stage=0", "ema.decay=0.9",
+    ]
+    return load_config(None, base + list(overrides), stage="generate")

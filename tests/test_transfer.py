@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from usp_fast.export import load_encoder, save_encoder
+from usp_fast.artifacts import load_encoder, save_encoder
 from usp_fast.models.dit import build_model
 from usp_fast.models.usp_vit import build_model as build_vit
 from usp_fast.transfer import BLOCK_PARAMS, TransferError, resize_pos_embed, transfer_to_classifier, transfer_to_dit

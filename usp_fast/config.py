@@ -1,187 +1,422 @@
-"""Strict YAML configs: a schema of defaults per key group, merged with a YAML file and `key=value` overrides.
+"""Typed configs, checked at load: one pydantic schema per stage, the one home of every key's default and doc.
 
-Every stage shares the BASE schema; a stage adds its own groups/keys (`extra` in `load_config`). An unknown or
-mistyped key is an error that names the file and lists the valid keys. Values are type-checked against the
-default's type (int is accepted where a float is expected; a None default accepts anything).
+A config is a YAML file merged with `group.key=value` overrides (values parsed as YAML), validated against the
+stage's schema before any process group, VAE, model or data is touched. Unknown keys and mistyped choices fail
+with one line naming the file (or override), the key and what was expected. `usp-fast config keys --stage S`
+prints every key with its type, default and doc, and the README's key table is generated from the same schema.
 """
 import copy
-import re
+import typing
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Literal, Optional
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-class Opt:
-    """Schema marker for a key that is unset (None) by default and otherwise of `type_`."""
+from .errors import ConfigError
 
-    def __init__(self, type_):
-        self.type = type_
+__all__ = ["ConfigError", "load_config", "to_dict", "config_class", "STAGE_CONFIGS", "describe_keys",
+           "keys_markdown"]
 
-    def __deepcopy__(self, memo):
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def key(default, doc):
+    return Field(default, description=doc)
+
+
+class RunConfig(Section):
+    name: str = key("usp", "run directory name under out_dir")
+    out_dir: str = key("runs", "where checkpoints, logs, exports and pictures go")
+    seed: int = key(0, "seeds data order, masking and noise; resume is exact from it")
+
+
+class DataConfig(Section):
+    root: Optional[str] = key(None, "ImageFolder tree (train/<class>/*.JPEG) or a directory of classes")
+    file_list: Optional[str] = key(None, "alternative to root: a text file with 'path [label]' per line")
+    resolution: int = key(224, "image side after the ADM-style centre crop (224 pretrain, 256 generation)")
+    cache_dir: Optional[str] = key(None, "latent cache directory (default: <root>/../latents_<res>_<vae-tag>)")
+    sample_posterior: bool = key(True, "draw mean + std * eps per step (false: use the posterior mean)")
+    flip: bool = key(True, "pick the cached horizontal flip at random")
+    num_workers: int = key(2, "data loader processes (cache path) or decode threads (online, cache build) per rank")
+    fatal_bad_images: bool = key(False, "a corrupt image is an error instead of being skipped and counted")
+    demo_images: int = key(0, ">0: build a demo ImageFolder of this many real photos at root if missing")
+    auto_cache: bool = key(False, "a training stage builds (or finishes) a missing cache instead of refusing")
+    source: Literal["cache", "online"] = key("cache", "cache (pre-encoded latents) or online (decode + crop + "
+                                                      "VAE-encode each step)")
+    decoder: Literal["auto", "dali", "pil"] = key("auto", "image decoder: auto (DALI on GPU when installed, else "
+                                                          "PIL), dali or pil")
+    crop: Literal["rrc", "center"] = key("rrc", "online crops: rrc (RandomResizedCrop, pretraining) or center "
+                                                "(ADM, generation)")
+    crop_scale: tuple[float, float] = key((0.2, 1.0), "RandomResizedCrop area fraction range (online path and "
+                                                      "cache.views)")
+    prefetch: int = key(2, "online: micro-batches decoded + encoded ahead of the training step")
+    max_pixels: int = key(100_000_000, "larger images are skipped as bad input")
+    randaug: str = key("", "online: timm RandAugment spec (e.g. rand-m9-mstd0.5-inc1) on each crop; '' = off")
+
+    @field_validator("resolution")
+    @classmethod
+    def _positive(cls, v):
+        if v <= 0:
+            raise ValueError("must be a positive number of pixels")
+        return v
+
+
+class VAEConfig(Section):
+    name: str = key("stabilityai/sd-vae-ft-ema", "diffusers AutoencoderKL folder, TAESD weights folder, hub id "
+                                                 "already in the local cache, or random-sd (architecture tests)")
+    scale: float = key(0.18215, "latent scaling factor (SD-VAE 0.18215; TAESD family 1)")
+    encode_batch: int = key(16, "images per VAE forward while caching or encoding online")
+
+
+class CacheConfig(Section):
+    shard_size: int = key(4096, "images per shard file")
+    dtype: Literal["float16", "float32"] = key("float16", "storage dtype of the posterior mean/std")
+    views: int = key(0, "extra RandomResizedCrop views per image (view 0 is the centre crop); training picks one "
+                        "view per image per epoch")
+
+
+class ModelConfig(Section):
+    name: str = key("usp_vit_b", "registry name: usp_vit_b/l/xl (pretrain), DiT-XL/2, SiT-B/2, ... (generate)")
+
+
+class PretrainModelConfig(ModelConfig):
+    mask_ratio: float = key(0.75, "fraction of latent patches masked (USP/MAE: 0.75)")
+    decoder_dim: Optional[int] = key(None, "decoder width (unset: the registry's, 512 for B/L/XL)")
+    decoder_depth: Optional[int] = key(None, "decoder blocks (unset: the registry's, 8 for B/L/XL)")
+    decoder_heads: Optional[int] = key(None, "decoder attention heads (unset: the registry's, 16 for B/L/XL)")
+    mlp_act: Literal["gelu", "gelu_tanh"] = key("gelu", "MLP activation; match the generator it will initialise "
+                                                        "(DiT's is gelu_tanh)")
+    norm_pix: bool = key(True, "MSE against per-patch-normalised targets (USP/MAE norm-pix loss)")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        from .models.usp_vit import MODELS
+        if v not in MODELS:
+            raise ValueError(f"unknown encoder {v!r}; valid: {', '.join(sorted(MODELS))}")
+        return v
+
+    @field_validator("mask_ratio")
+    @classmethod
+    def _ratio(cls, v):
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+
+class GeneratorModelConfig(ModelConfig):
+    name: str = key("DiT-XL/2", "registry name: DiT-{S,B,L,XL}/{2,4,8}, SiT-..., plus Tiny and Test sizes")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        from .models.dit import MODELS
+        if v not in MODELS:
+            raise ValueError(f"unknown generator {v!r}; valid: {', '.join(sorted(MODELS))}")
+        return v
+
+
+class OptimConfig(Section):
+    blr: float = key(1.5e-4, "base lr; lr = blr * global_batch / 256 (ignored when optim.lr is set)")
+    lr: Optional[float] = key(None, "absolute lr (overrides the blr scaling)")
+    min_lr: float = key(0.0, "floor of the cosine")
+    weight_decay: float = key(0.05, "AdamW decay; not applied to biases, norms, tokens, pos-emb")
+    betas: tuple[float, float] = key((0.9, 0.95), "AdamW betas")
+    warmup_epochs: float = key(40.0, "linear warm-up length in epochs (ignored when warmup_steps is set)")
+    warmup_steps: Optional[int] = key(None, "linear warm-up length in optimizer steps (overrides warmup_epochs)")
+    schedule: Literal["cosine", "constant"] = key("cosine", "after warm-up: half-cosine per step to min_lr, or "
+                                                            "constant")
+    grad_clip: float = key(0.0, "global gradient-norm clip; 0 disables it")
+
+
+class TrainConfig(Section):
+    epochs: float = key(800, "training length in epochs of the data set")
+    max_steps: Optional[int] = key(None, "cap on optimizer steps (demos, smoke runs, step-budgeted recipes)")
+    global_batch: int = key(4096, "images per optimizer step over all ranks (accumulation fills the gap)")
+    micro_batch: int = key(256, "images per rank per forward")
+    precision: Literal["auto", "bf16", "fp32"] = key("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    zero_stage: Literal[0, 1, 2, 3] = key(1, "DeepSpeed ZeRO stage")
+    log_every: int = key(50, "steps between metric logs (the only host syncs of the loop)")
+    ckpt_every: int = key(1000, "steps between checkpoints")
+    keep_last: int = key(3, "complete checkpoints kept")
+    export: bool = key(True, "pretrain: export the encoder at the end (generate always saves generator/)")
+    run_steps: Optional[int] = key(None, "stop after this many steps in this invocation (time-limited jobs); "
+                                         "continue with --resume auto")
+    audit_samples: bool = key(False, "each rank writes the sample indices it trains on to samples_r<rank>.txt")
+    nonfinite: Literal["stop", "skip"] = key("stop", "a non-finite loss or grad-norm: stop (checked at log "
+                                                     "intervals, nothing non-finite is saved) or skip the "
+                                                     "micro-batch and count it (one host sync per micro-step)")
+
+    @model_validator(mode="after")
+    def _batches(self):
+        for name in ("global_batch", "micro_batch", "log_every", "ckpt_every", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.global_batch % self.micro_batch:
+            raise ValueError(f"train.global_batch {self.global_batch} is not a multiple of train.micro_batch "
+                             f"{self.micro_batch}")
         return self
 
 
-# YAML 1.1 reads '2e-3' (no dot) as a string; accept it where a float is expected.
-_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-BASE_SCHEMA = {
-    "run": {
-        "name": "usp",            # run directory name under out_dir
-        "out_dir": "runs",        # where checkpoints, logs and exports go
-        "seed": 0,                # seeds data order, masking and noise; resume is exact from it
-    },
-    "data": {
-        "root": Opt(str),             # ImageFolder tree (train/<class>/*.JPEG) or a directory of classes
-        "file_list": Opt(str),        # alternative to root: a text file "path [label]" per line
-        "resolution": 224,        # image side after the ADM-style centre crop
-        "cache_dir": Opt(str),        # latent cache directory (default: <root>/../latents_<res>_<vae-tag>)
-        "sample_posterior": True, # draw mean + std * eps per step (False: use the posterior mean)
-        "flip": True,             # pick the cached horizontal flip at random
-        "num_workers": 2,         # data loader processes per rank
-        "fatal_bad_images": False,  # a corrupt image stops the cache build instead of being skipped
-        "demo_images": 0,         # >0: build a demo ImageFolder of this many real photos at root if missing
-        "auto_cache": False,      # a training stage builds (or finishes) a missing cache instead of refusing
-        "source": "cache",        # cache (pre-encoded latents) or online (decode + crop + VAE-encode each step)
-        "decoder": "auto",        # image decoder: auto (DALI on GPU when installed, else PIL), dali or pil
-        "crop": "rrc",            # online crops: rrc (RandomResizedCrop, pretraining) or center (ADM, generation)
-        "crop_scale": [0.2, 1.0], # RandomResizedCrop area fraction range (online path and cache.views)
-        "prefetch": 2,            # online: micro-batches decoded + encoded ahead of the training step
-        "max_pixels": 100000000,  # larger images are skipped as bad input
-        "randaug": "",            # online: timm RandAugment (e.g. rand-m9-mstd0.5-inc1) on each crop; "" = off
-    },
-    "vae": {
-        "name": "stabilityai/sd-vae-ft-ema",  # diffusers AutoencoderKL folder, TAESD weights folder, hub id (cached), random-sd
-        "scale": 0.18215,         # SD-VAE latent scaling factor
-        "encode_batch": 16,       # images per VAE forward while caching
-    },
-    "cache": {
-        "shard_size": 4096,       # images per shard file
-        "dtype": "float16",       # storage dtype of posterior mean/std
-        "views": 0,               # extra RandomResizedCrop views per image (view 0 is the centre crop); training
-                                  # picks one view per image per epoch, so the cached path keeps crop augmentation
-    },
-    "model": {
-        "name": "usp_vit_b",      # registry name: usp_vit_b/l/xl (pretrain), DiT-XL/2, SiT-XL/2... (generate)
-        "overrides": {},          # any USPViTConfig field, e.g. {decoder_depth: 4}
-    },
-    "optim": {
-        "blr": 1.5e-4,            # base lr; lr = blr * global_batch / 256
-        "lr": Opt(float),               # absolute lr (overrides blr scaling when set)
-        "min_lr": 0.0,            # floor of the cosine
-        "weight_decay": 0.05,     # not applied to biases, norms, tokens, pos-emb
-        "betas": [0.9, 0.95],     # AdamW betas
-        "warmup_epochs": 40.0,    # linear warm-up length
-        "schedule": "cosine",     # cosine (half-cosine per iteration after warm-up) or constant
-        "grad_clip": 0.0,         # 0 disables clipping
-    },
-    "train": {
-        "epochs": 800,            # training length in epochs of the cached set
-        "max_steps": Opt(int),        # optional cap on optimizer steps (demos, smoke runs)
-        "global_batch": 4096,     # images per optimizer step, all ranks (accumulation fills the gap)
-        "micro_batch": 256,       # images per rank per forward
-        "precision": "auto",      # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
-        "zero_stage": 1,          # DeepSpeed ZeRO stage 0-3
-        "log_every": 50,          # steps between metric logs (the only host syncs)
-        "ckpt_every": 1000,       # steps between checkpoints
-        "keep_last": 3,           # checkpoints kept
-        "export": True,           # pretrain: export the encoder at the end (generate always saves generator/)
-        "run_steps": Opt(int),        # stop after this many steps in this invocation (time-limited jobs); the
-                                  # schedule still follows the full length; continue with --resume auto
-        "audit_samples": False,   # each rank writes the sample indices it trains on to samples_r<rank>.txt
-    },
-}
+class Config(Section):
+    """What every stage shares."""
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    vae: VAEConfig = VAEConfig()
+    cache: CacheConfig = CacheConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
 
 
-class ConfigError(ValueError):
+class PretrainConfig(Config):
+    model: PretrainModelConfig = PretrainModelConfig()
+
+
+class CacheStageConfig(PretrainConfig):
     pass
 
 
-def _merge(schema, values, where, source):
-    out = copy.deepcopy(schema)
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: '{where or 'top level'}' must be a mapping, got {type(values).__name__}")
-    for key, value in values.items():
-        path = f"{where}.{key}" if where else key
-        if key not in schema:
-            raise ConfigError(f"{source}: unknown key '{path}'; valid keys here: {', '.join(sorted(schema))}")
-        default = schema[key]
-        if isinstance(default, dict) and default and not (where and key == "overrides"):
-            out[key] = _merge(default, value or {}, path, source)
-        else:
-            out[key] = _check_type(default, value, path, source)
-    return out
+# ---- generate ----
+class GenerateSection(Section):
+    init: str = key("random", "'random' or 'usp:<encoder export dir>' (from --stage pretrain)")
+    keep_blocks: Optional[int] = key(None, "USP init: copy only the first N blocks, re-initialise the rest "
+                                           "(paper Table 8g)")
+    objective: Literal["auto", "ddpm", "linear"] = key("auto", "auto (DiT: ddpm, SiT: linear), ddpm or linear")
+    learn_sigma: Optional[bool] = key(None, "unset: true for DiT (2C outputs), false for SiT")
+    norm_affine: Optional[bool] = key(None, "unset: true with a USP init (the ViT's LayerNorm affine), false "
+                                            "(DiT's) otherwise")
+    mlp_act: Optional[Literal["gelu", "gelu_tanh"]] = key(None, "unset: the export's activation with a USP init, "
+                                                                "else gelu_tanh (DiT)")
+    class_dropout_prob: float = key(0.1, "label dropout for classifier-free guidance")
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v):
+        if v != "random" and not (v.startswith("usp:") and len(v) > 4):
+            raise ValueError("expected 'random' or 'usp:<encoder export directory>'")
+        return v
 
 
-def _check_type(default, value, path, source):
-    if isinstance(default, Opt):
-        if value is None or isinstance(value, Opt):  # unset (also when re-merging an already merged config)
-            return None
-        default = default.type()  # an instance of the type, for the checks below
-    if default is None or value is None:
-        return value
-    if isinstance(default, float) and isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-        return float(value)
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: '{path}' expects true/false, got {value!r}")
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, int) and isinstance(value, bool):
-        raise ConfigError(f"{source}: '{path}' expects an integer, got {value!r}")
-    if not isinstance(value, type(default)):
-        raise ConfigError(f"{source}: '{path}' expects {type(default).__name__}, got {value!r}")
-    return value
+class EMASection(Section):
+    decay: float = key(0.9999, "DiT/SiT EMA decay; updated after every optimizer step")
+
+
+class SampleSection(Section):
+    checkpoint: Optional[str] = key(None, "generator/ folder or checkpoint folder (default: this run's "
+                                          "generator/, else its latest checkpoint)")
+    method: Literal["auto", "ddpm", "ddim", "ode-heun", "ode-euler", "sde"] = key(
+        "auto", "auto (DiT: ddpm, SiT: sde); DiT: ddpm, ddim; SiT: ode-heun, ode-euler, sde")
+    steps: int = key(250, "sampling steps (DiT: respaced DDPM/DDIM steps; SiT: solver steps)")
+    cfg_scale: float = key(1.0, "classifier-free guidance scale; 1 = plain conditional sampling")
+    cfg_channels: Optional[int] = key(None, "guide only the first k latent channels (DiT/SiT reference: 3); "
+                                            "unset: all")
+    ema: bool = key(True, "sample with the EMA weights")
+    num_images: int = key(50000, "images to generate in total (ADM FID protocol: 50k)")
+    batch: int = key(64, "images per forward per rank")
+    seed: int = key(0, "noise and labels of batch k come from (seed, k): any rank count agrees")
+    grid: int = key(64, "images in the PNG grid")
+    out_dir: Optional[str] = key(None, "default: <run>/samples/<checkpoint>-<method><steps>-cfg<scale>-seed<seed>")
+    precision: Literal["fp32", "bf16"] = key("fp32", "fp32 (as DiT's FID runs; TF32 matmuls on GPU) or bf16 "
+                                                     "(autocast, GPU)")
+    ddim_eta: float = key(0.0, "DDIM noise (0: deterministic)")
+    sde_last_step: float = key(0.04, "SiT SDE: size of the final mean-only step")
+
+
+class GenerateConfig(Config):
+    model: GeneratorModelConfig = GeneratorModelConfig()
+    generate: GenerateSection = GenerateSection()
+    ema: EMASection = EMASection()
+    sample: SampleSection = SampleSection()
+
+
+# ---- understanding ----
+class FinetuneSection(Section):
+    encoder: str = key("", "encoder export folder (runs/<pretrain>/export) from --stage pretrain")
+    layer_decay: float = key(0.75, "layer-wise lr decay: block i of L gets lr * decay^(L - i)")
+    drop_path: float = key(0.1, "stochastic depth rate (linearly increasing over blocks)")
+    mixup: float = key(0.8, "Mixup alpha (0 = off)")
+    cutmix: float = key(1.0, "CutMix alpha (0 = off)")
+    label_smoothing: float = key(0.1, "label smoothing of the (mixed) targets")
+    val_cache_dir: str = key("", "latent cache of held-out images for the final top-1; '' = no evaluation")
+    eval_batch: int = key(256, "latents per forward in the final evaluation")
+
+
+class FinetuneConfig(Config):
+    finetune: FinetuneSection = FinetuneSection()
+
+
+class ProbeSection(Section):
+    encoder: str = key("", "encoder export folder (runs/<pretrain>/export) from --stage pretrain")
+    generator: str = key("", "or a DiT/SiT: a generate run's generator/ folder or a checkpoint folder (per-block)")
+    noise_level: float = key(0.0, "DiT/SiT features at this fraction of the way to noise (DiT t = level*999, "
+                                  "SiT t)")
+    pool: Literal["cls", "avg"] = key("cls", "cls (the cls token after the final norm, MAE) or avg (mean of "
+                                             "patch tokens)")
+    blocks: list[int] = key([], "per-block probe: block indices ([-1] = all); empty = the final features only")
+    val_cache_dir: str = key("", "latent cache of the validation images (same VAE, resolution); '' = train set")
+    momentum: float = key(0.9, "LARS momentum")
+    trust_coeff: float = key(0.001, "LARS trust coefficient")
+    feature_batch: int = key(256, "latents per encoder forward while extracting features")
+    feature_dtype: Literal["float16", "bfloat16", "float32"] = key("float16", "storage of the extracted features")
+
+
+class ProbeConfig(Config):
+    probe: ProbeSection = ProbeSection()
+
+
+STAGE_CONFIGS = {
+    "cache": CacheStageConfig,
+    "pretrain": PretrainConfig,
+    "generate": GenerateConfig,
+    "finetune": FinetuneConfig,
+    "probe": ProbeConfig,
+}
+
+
+def config_class(stage):
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"unknown stage {stage!r}; valid: {', '.join(STAGE_CONFIGS)}")
+    return STAGE_CONFIGS[stage]
+
+
+# ---- loading ----
+def _format_error(err, source, cls):
+    """The first pydantic error as one line: source, dotted key, what was expected, what was given."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "top level"
+    if e["type"] == "extra_forbidden":
+        parent = ".".join(str(p) for p in e["loc"][:-1])
+        section = cls
+        for part in e["loc"][:-1]:
+            section = typing.get_type_hints(section)[part] if isinstance(section, type) else section
+        valid = ", ".join(sorted(section.model_fields)) if isinstance(section, type) else "?"
+        return f"{source}: unknown key '{loc}'; valid keys {'in ' + repr(parent) if parent else 'here'}: {valid}"
+    msg = e["msg"].removeprefix("Value error, ")
+    given = e.get("input")
+    shown = "" if isinstance(given, dict) or e["type"] == "missing" else f" (got {given!r})"
+    return f"{source}: '{loc}': {msg}{shown}"
 
 
 def parse_override(text):
     """'train.max_steps=100' -> (['train', 'max_steps'], 100). Values are parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. train.micro_batch=64")
-    key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
-
-
-def load_config(path=None, overrides=(), extra=None):
-    """Load a config file over BASE_SCHEMA (+ `extra` stage groups), then apply 'a.b=value' overrides."""
-    schema = copy.deepcopy(BASE_SCHEMA)
-    for group, keys in (extra or {}).items():
-        schema[group] = {**schema.get(group, {}), **keys}
-    values = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    cfg = _merge(schema, values, "", str(path or "<defaults>"))
-    for item in overrides:
-        keys, value = parse_override(item)
-        nested = value
-        for k in reversed(keys):
-            nested = {k: nested}
-        cfg = _merge(schema, _deep_update(cfg, nested), "", f"override '{item}'")
-    return to_namespace(cfg)
+    k, raw = text.split("=", 1)
+    try:
+        return k.strip().split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e.problem})") from e
 
 
 def _deep_update(base, upd):
     out = copy.deepcopy(base)
     for k, v in upd.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "overrides" else v
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def to_namespace(d):
-    if isinstance(d, Opt):
-        return None
-    if isinstance(d, dict):
-        return SimpleNamespace(**{k: (v if k == "overrides" else to_namespace(v)) for k, v in d.items()})
-    return d
+def _validate(cls, values, source, overrides=()):
+    """Validate; an error is attributed to the last override that set (part of) its key, else to `source`."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of groups, got {type(values).__name__}")
+    try:
+        return cls.model_validate(values)
+    except ValidationError as e:
+        loc = [str(p) for p in e.errors()[0]["loc"]]
+        for item, keys in reversed(overrides):
+            n = min(len(keys), len(loc))
+            if keys[:n] == loc[:n]:
+                source = f"override '{item}'"
+                break
+        raise ConfigError(_format_error(e, source, cls)) from None
 
 
-def to_dict(ns):
-    if isinstance(ns, SimpleNamespace):
-        return {k: to_dict(v) for k, v in vars(ns).items()}
-    return ns
+def read_yaml(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+
+
+def load_config(path=None, overrides=(), stage="pretrain"):
+    """A YAML file (optional) and 'a.b=value' overrides -> the stage's validated config. Raises ConfigError."""
+    cls = config_class(stage)
+    values = read_yaml(path) if path is not None else {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of groups, got {type(values).__name__}")
+    parsed = []
+    for item in overrides:
+        keys, value = parse_override(item)
+        nested = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        values = _deep_update(values, nested)
+        parsed.append((item, keys))
+    return _validate(cls, values, str(path or "<defaults>"), parsed)
+
+
+def to_dict(cfg):
+    """A config (or one section) -> plain dict for YAML/JSON (tuples as lists)."""
+    return cfg.model_dump(mode="json")
+
+
+# ---- documentation from the schema ----
+def _type_name(annotation):
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin is typing.Union and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if origin in (tuple, list):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def describe_keys(stage):
+    """-> [(dotted key, type, default, doc)] for every key of a stage's config."""
+    rows = []
+    cls = config_class(stage)
+    for group, gfield in cls.model_fields.items():
+        section = gfield.annotation
+        for name, f in section.model_fields.items():
+            default = f.default
+            if isinstance(default, tuple):
+                default = list(default)
+            rows.append((f"{group}.{name}", _type_name(f.annotation), default, f.description or ""))
+    return rows
+
+
+def keys_markdown():
+    """The README key table: every key of every stage, once, with the stages that have it."""
+    def shown(d):
+        return "unset" if d is None else yaml.safe_dump(d, default_flow_style=True).strip().removesuffix("...").strip()
+
+    seen = {}
+    for stage in STAGE_CONFIGS:
+        if stage == "cache":  # the pretrain schema
+            continue
+        for k, t, d, doc in describe_keys(stage):
+            entry = seen.setdefault(k, {"type": t, "doc": doc, "defaults": {}})
+            entry["defaults"][stage] = shown(d)
+    everywhere = len(STAGE_CONFIGS) - 1
+    lines = ["| key | type | default | stages | what it does |", "| --- | --- | --- | --- | --- |"]
+    for k, e in seen.items():
+        stages = list(e["defaults"])
+        where = "all" if len(stages) == everywhere else ", ".join(stages)
+        values = set(e["defaults"].values())
+        if len(values) == 1:
+            default = f"`{values.pop()}`"
+        else:
+            default = ", ".join(f"`{v}` ({s})" for s, v in e["defaults"].items() if s in ("pretrain", "generate"))
+        t = e["type"].replace("|", " \\| ")
+        lines.append(f"| `{k}` | {t} | {default} | {where} | {e['doc'].replace('|', '/')} |")
+    return "\n".join(lines)

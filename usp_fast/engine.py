@@ -1,41 +1,28 @@
 """The training loop every stage shares: DeepSpeed engine, deterministic data stream, lr schedule, logging,
-checkpoints and exact resume. A stage plugs in through `usp_fast.task.Task`."""
+checkpoints and exact resume. A stage plugs in through `usp_fast.stages.base.Task`."""
 import json
 import logging
 import math
 import shutil
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
 
 from . import dist
 from .config import to_dict
-from .data.cache import LatentCache, check_manifest, default_cache_dir
+from .data.cache import default_cache_dir, open_cache
 from .data.stream import CacheStream, StreamPlan
+from .artifacts import (checkpoint_root, checkpoint_tag, complete_checkpoints, resolve_resume, run_dir,
+                        truncate_metrics, write_complete_marker)
+from .errors import CheckpointError, TrainingDiverged
 from .io import atomic_write_text
+from .optim import lr_at
+from .seeding import step_seed
 
 log = logging.getLogger(__name__)
 
-CKPT_DIR = "checkpoints"
-COMPLETE = "COMPLETE"  # written last into a checkpoint folder: only complete checkpoints are resumed from
-
-
-def lr_at(step, cfg, steps_per_epoch, total_steps, base_lr):
-    """Linear warm-up over optim.warmup_epochs, then a half-cosine to optim.min_lr (or constant), per step."""
-    o = cfg.optim
-    warmup = o.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return base_lr * step / warmup
-    if o.schedule == "constant":
-        return base_lr
-    if o.schedule != "cosine":
-        raise ValueError(f"optim.schedule {o.schedule!r}: expected 'cosine' or 'constant'")
-    progress = (step - warmup) / max(total_steps - warmup, 1)
-    return o.min_lr + (base_lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def compute_dtype(cfg, device):
@@ -61,38 +48,14 @@ def deepspeed_config(cfg, world_size, dtype):
     }
 
 
-def step_seed(seed, step, micro, rank):
-    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def complete_checkpoints(ckpt_root):
-    """Finished checkpoints, oldest first, as (step, path)."""
-    root = Path(ckpt_root)
-    found = [(int(p.name.split("_")[1]), p) for p in root.glob("step_*") if (p / COMPLETE).exists()] if root.is_dir() else []
-    return sorted(found)
-
-
-def resolve_resume(resume, ckpt_root):
-    """--resume: None/'' (fresh run), 'auto' (latest complete checkpoint, if any) or a checkpoint folder."""
-    if not resume:
-        return None
-    if resume == "auto":
-        found = complete_checkpoints(ckpt_root)
-        return found[-1][1] if found else None
-    path = Path(resume)
-    if not (path / COMPLETE).exists():
-        raise FileNotFoundError(f"--resume {path}: not a complete checkpoint folder (no {COMPLETE} marker)")
-    return path
-
-
 class Trainer:
     def __init__(self, cfg, task, resume=None):
         import deepspeed
 
         self.cfg, self.task = cfg, task
         self.rank, self.world, self.device = dist.init()
-        self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        self.ckpt_root = self.run_dir / CKPT_DIR
+        self.run_dir = run_dir(cfg.run)
+        self.ckpt_root = checkpoint_root(self.run_dir)
         self.dtype = compute_dtype(cfg, self.device)
         torch.manual_seed(cfg.run.seed)  # model init; all later randomness comes from per-step generators
 
@@ -117,9 +80,10 @@ class Trainer:
             self._load(ckpt)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if dist.is_main():
+            truncate_metrics(self.run_dir, self.start_step)  # rows past the start are written again
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
             log.info("%s: %d %s, %d ranks, global batch %d (micro %d x accum %d), %.2f steps/epoch, "
-                     "%d steps, base lr %.3g, %s on %s, ZeRO %d", task.stage, len(self.data),
+                     "%d steps, base lr %.3g, %s on %s, ZeRO %d", task.name, len(self.data),
                      "latents" if cfg.data.source == "cache" else "images (online encode)", self.world,
                      t.global_batch, t.micro_batch, self.plan.accum, self.steps_per_epoch, self.total_steps,
                      self.base_lr, str(self.dtype).replace("torch.", ""), self.device.type, t.zero_stage)
@@ -137,38 +101,57 @@ class Trainer:
         if cfg.data.source != "cache":
             raise ValueError(f"data.source {cfg.data.source!r}: expected cache or online")
         cache_dir = default_cache_dir(cfg)
-        self.manifest = check_manifest(cache_dir, cfg)
-        return LatentCache(cache_dir, self.manifest)
+        cache, self.manifest = open_cache(cache_dir, cfg)
+        return cache
 
     # ---- checkpoints ----
     def _save(self, step):
-        tag = f"step_{step:08d}"
+        tag = checkpoint_tag(step)
         self.engine.save_checkpoint(str(self.ckpt_root), tag=tag,
                                     client_state={"step": step, "task": self.task.state_dict()})
         dist.barrier()
         if dist.is_main():
-            atomic_write_text(self.ckpt_root / tag / COMPLETE, json.dumps({"step": step}))
+            write_complete_marker(self.ckpt_root / tag, step)
             for _, old in complete_checkpoints(self.ckpt_root)[: -self.cfg.train.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("checkpoint %s", self.ckpt_root / tag)
         dist.barrier()
 
     def _load(self, path):
-        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        try:
+            _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        except Exception as e:  # DeepSpeed's own errors name no file
+            raise CheckpointError(f"checkpoint {path} could not be loaded: {type(e).__name__}: {e}") from e
         if client is None:
-            raise RuntimeError(f"checkpoint {path} could not be loaded")
+            raise CheckpointError(f"checkpoint {path} could not be loaded (DeepSpeed returned no client state)")
         self.start_step = int(client["step"])
         self.task.load_state_dict(client.get("task", {}))
         if dist.is_main():
-            self._truncate_metrics(self.start_step)
             log.info("resumed from %s at step %d", path, self.start_step)
 
-    def _truncate_metrics(self, step):
-        """Drop metric rows past the resumed step: the resumed run writes them again."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-            atomic_write_text(path, "".join(r + "\n" for r in rows))
+    # ---- non-finite values ----
+    def _nonfinite(self, loss_sum):
+        """-> a description of what is non-finite (loss since the last check, last grad-norm, weights), or None.
+        A host sync: called at log intervals, before checkpoints and before the end only."""
+        bad = []
+        if not bool(torch.isfinite(dist.mean_across_ranks(loss_sum)).item()):
+            bad.append("loss")
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None and not math.isfinite(float(gn)):
+            bad.append("grad-norm")
+        if self.cfg.train.zero_stage != 3:  # ZeRO-3 holds only partitions here; the loss check covers it
+            params = [p.detach() for p in self.engine.module.parameters()]
+            finite = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
+            if not bool(dist.mean_across_ranks(finite.float()).item() == 1.0):
+                bad.append("weights")
+        return " and ".join(bad) or None
+
+    def _stop_nonfinite(self, what, lo, hi):
+        good = complete_checkpoints(self.ckpt_root)
+        last = f"the last good checkpoint {good[-1][1]} is intact" if good else "no checkpoint was written"
+        raise TrainingDiverged(f"non-finite {what} between steps {lo + 1} and {hi} of {self.task.name}: stopped "
+                               f"without saving ({last}); lower optim.lr, set optim.grad_clip, or use "
+                               "train.nonfinite=skip")
 
     # ---- the loop ----
     def _loader(self):
@@ -200,75 +183,91 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(self.run_dir / "tb"))
         gen = torch.Generator(device=self.device)
-        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.task.stage, unit="step",
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.task.name, unit="step",
                    disable=not main, dynamic_ncols=True)
         loss_sum = torch.zeros((), device=self.device)
         metric_sums = {}
+        skip = t.nonfinite == "skip"
+        skipped = skipped_since_log = 0
         tick, tick_step = time.time(), self.start_step
+        checked = self.start_step  # steps up to here are known finite
         batches = iter(self._loader())
         end = self.total_steps if t.run_steps is None else min(self.total_steps, self.start_step + t.run_steps)
         audit = open(self.run_dir / f"samples_r{self.rank}.txt", "a") if t.audit_samples else None
         self.engine.train()
-        for step in range(self.start_step, end):
-            lr = lr_at(step, cfg, self.steps_per_epoch, self.total_steps, self.base_lr)
-            for group in self.optimizer.param_groups:  # lr_scale: e.g. layer-wise lr decay groups
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            for micro in range(self.plan.accum):
-                gen.manual_seed(step_seed(cfg.run.seed, step, micro, self.rank))
-                raw = next(batches)
-                if audit is not None:
-                    audit.write(f"{step} {' '.join(map(str, raw['indices'].tolist()))}\n")
-                batch = self._latents(raw, gen)
-                loss, metrics = self.task.loss(self.engine, batch, gen)
-                self.engine.backward(loss)
-                self.engine.step()
-                loss_sum += loss.detach().float()
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
-            self.task.after_step(self.engine.module, step)
-            done = step + 1
-            bar.update(1)
-            if done % t.log_every == 0 or done == end:  # the only host syncs
-                n = (done - tick_step) * self.plan.accum
-                row = {"step": done, "epoch": done / self.steps_per_epoch,
-                       "loss": dist.mean_across_ranks(loss_sum / n).item(), "lr": lr}
-                for k, v in metric_sums.items():
-                    row[k] = dist.mean_across_ranks(v / n).item()
-                gn = self.engine.get_global_grad_norm()
-                if gn is not None:
-                    row["grad_norm"] = float(gn)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.time() - tick
-                row["img_per_s"] = (done - tick_step) * t.global_batch / max(elapsed, 1e-9)
-                if main:
-                    self._log(row, writer, bar)
-                loss_sum.zero_()
-                metric_sums = {}
-                tick, tick_step = time.time(), done
-            if done % t.ckpt_every == 0 and done < end:
-                self._save(done)
-        bar.close()
-        if audit is not None:
-            audit.close()
+        try:
+            for step in range(self.start_step, end):
+                lr = lr_at(step, cfg, self.steps_per_epoch, self.total_steps, self.base_lr)
+                for group in self.optimizer.param_groups:  # lr_scale: e.g. layer-wise lr decay groups
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                for micro in range(self.plan.accum):
+                    gen.manual_seed(step_seed(cfg.run.seed, step, micro, self.rank))
+                    raw = next(batches)
+                    if audit is not None:
+                        audit.write(f"{step} {' '.join(map(str, raw['indices'].tolist()))}\n")
+                    batch = self._latents(raw, gen)
+                    loss, metrics = self.task.loss(self.engine, batch, gen)
+                    if skip and not bool(torch.isfinite(loss).item()):  # the opt-in per-micro-step sync
+                        skipped, skipped_since_log = skipped + 1, skipped_since_log + 1
+                        # a zero-gradient loss keeps DeepSpeed's backward hooks and accumulation count intact
+                        loss = sum(p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad)
+                        metrics = {}
+                    else:
+                        loss_sum += loss.detach().float()
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    for k, v in metrics.items():
+                        metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
+                self.task.after_step(self.engine.module, step)
+                done = step + 1
+                bar.update(1)
+                saving = done % t.ckpt_every == 0 and done < end
+                if done % t.log_every == 0 or done == end or saving:  # the only host syncs
+                    bad = self._nonfinite(loss_sum)
+                    if done % t.log_every == 0 or done == end or bad:
+                        n = max((done - tick_step) * self.plan.accum - skipped_since_log, 1)
+                        row = {"step": done, "epoch": done / self.steps_per_epoch,
+                               "loss": dist.mean_across_ranks(loss_sum / n).item(), "lr": lr}
+                        for k, v in metric_sums.items():
+                            row[k] = dist.mean_across_ranks(v / n).item()
+                        gn = self.engine.get_global_grad_norm()
+                        if gn is not None:
+                            row["grad_norm"] = float(gn)
+                        if skip:
+                            row["nonfinite_skipped"] = skipped
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        elapsed = time.time() - tick
+                        row["img_per_s"] = (done - tick_step) * t.global_batch / max(elapsed, 1e-9)
+                        if main:
+                            self._log(row, writer, bar)
+                        loss_sum.zero_()
+                        metric_sums, skipped_since_log = {}, 0
+                        tick, tick_step = time.time(), done
+                    if bad:
+                        self._stop_nonfinite(bad, checked, done)
+                    checked = done
+                if saving:
+                    self._save(done)
+        finally:
+            bar.close()
+            if audit is not None:
+                audit.close()
+            if writer is not None:
+                writer.close()
         if end > self.start_step or not complete_checkpoints(self.ckpt_root):
             self._save(end)
         if end < self.total_steps:
             log.info("stopped at step %d of %d (train.run_steps); continue with --resume auto", end, self.total_steps)
-            if writer is not None:
-                writer.close()
             return {"stopped_at": end}
-        result = self._finish()
-        if writer is not None:
-            writer.close()
-        return result
+        return self._finish()
 
     def _log(self, row, writer, bar):
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         for k, v in row.items():
             if k != "step":
-                writer.add_scalar(f"{self.task.stage}/{k}", v, row["step"])
+                writer.add_scalar(f"{self.task.name}/{k}", v, row["step"])
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", ips=f"{row['img_per_s']:.0f}")
         log.info(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 

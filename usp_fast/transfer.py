@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .export import load_encoder
+from .artifacts import load_encoder
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ DIT_FRESH_PREFIXES = ("t_embedder.", "y_embedder.", "final_layer.")
 CLASSIFIER_FRESH_PREFIXES = ("head.", "fc_norm.")
 
 
-class TransferError(ValueError):
+class TransferError(UserError, ValueError):
     pass
 
 
@@ -55,10 +56,11 @@ class TransferReport:
     resized: dict = field(default_factory=dict)      # target key -> "source key: how"
     ignored: set = field(default_factory=set)        # source keys not used
     initialized: set = field(default_factory=set)    # target keys left with (or reset to) their fresh initialisation
+    notes: list = field(default_factory=list)        # choices that change what was copied
 
     def as_dict(self):
         return {"copied": dict(sorted(self.copied.items())), "resized": dict(sorted(self.resized.items())),
-                "ignored": sorted(self.ignored), "initialized": sorted(self.initialized)}
+                "ignored": sorted(self.ignored), "initialized": sorted(self.initialized), "notes": self.notes}
 
     def summary(self):
         def fold(keys):  # blocks.3.attn.qkv.weight, blocks.4... -> blocks.{3,4}.attn.qkv.weight
@@ -82,6 +84,7 @@ class TransferReport:
 
         lines = [f"copied {len(self.copied)} tensors exactly, resized {len(self.resized)}, "
                  f"ignored {len(self.ignored)} source keys, kept fresh init for {len(self.initialized)} target keys"]
+        lines += [f"  note:        {n}" for n in self.notes]
         lines += [f"  copied:      {k}" for k in fold(self.copied)]
         lines += [f"  resized:     {k} <- {v}" for k, v in sorted(self.resized.items())]
         lines += [f"  ignored:     {k}" for k in fold(self.ignored)]
@@ -89,15 +92,21 @@ class TransferReport:
         return "\n".join(lines)
 
 
-def resize_pos_embed(grid_table, new_grid):
-    """Position table [1, g*g, D] (no prefix rows) -> [1, G*G, D] by bicubic interpolation of the g x g grid
-    (align_corners=False, as timm/MAE; at G == g this is exactly the identity)."""
+POS_INTERP = ("bicubic", "bilinear")
+
+
+def resize_pos_embed(grid_table, new_grid, mode="bicubic"):
+    """Position table [1, g*g, D] (no prefix rows) -> [1, G*G, D] by bicubic (or bilinear, the paper's 512 px
+    setting) interpolation of the g x g grid (align_corners=False, as timm/MAE; at G == g the identity)."""
+    if mode not in POS_INTERP:
+        raise TransferError(f"position-embedding interpolation {mode!r}: expected one of {', '.join(POS_INTERP)}")
     _, n, dim = grid_table.shape
     g = math.isqrt(n)
     if g * g != n:
         raise TransferError(f"pos_embed has {n} grid rows, not a square grid")
     grid = grid_table.float().reshape(1, g, g, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    if new_grid != g:
+        grid = F.interpolate(grid, size=(new_grid, new_grid), mode=mode, align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(grid_table.dtype)
 
 
@@ -154,9 +163,14 @@ def _account(source, target_state, plan, ignored, fresh, report, what):
     report.initialized = set(fresh)
 
 
-def transfer_to_dit(model, source, meta, keep_blocks=None):
+def _resize_how(g_src, g_dst, mode):
+    return f"{mode} {g_src}x{g_src} -> {g_dst}x{g_dst}" if g_src != g_dst else f"{g_src}x{g_src} grid kept (no resize)"
+
+
+def transfer_to_dit(model, source, meta, keep_blocks=None, copy_norms=True, pos_interp="bicubic"):
     """Copy a USP encoder (state dict + meta from load_encoder) into a freshly built DiT/SiT, in place.
-    keep_blocks: copy only blocks 0..N-1 and re-initialise the rest (None: all). -> TransferReport."""
+    keep_blocks: copy only blocks 0..N-1 and re-initialise the rest (None: all). copy_norms=False leaves every
+    block's LayerNorm affine at its fresh init (ones, zeros) instead of the ViT's (paper Table 8b). -> report."""
     cfg, ecfg = model.cfg, meta["config"]
     what = f"transfer {meta.get('model', 'encoder')} -> {cfg.family}"
     for name, src, dst in (("width", ecfg["embed_dim"], cfg.hidden_size), ("depth", ecfg["depth"], cfg.depth),
@@ -165,7 +179,7 @@ def transfer_to_dit(model, source, meta, keep_blocks=None):
             raise TransferError(f"{what}: {name} mismatch: the encoder has {src}, the target model {dst}; pick the "
                                 f"generation model matching the encoder (e.g. usp_vit_b -> DiT-B/2, usp_vit_l -> "
                                 f"DiT-L/2, usp_vit_xl -> DiT-XL/2)")
-    if not cfg.norm_affine:
+    if copy_norms and not cfg.norm_affine:
         raise TransferError(f"{what}: the target uses DiT's affine-free LayerNorm, so the ViT's LayerNorm weights "
                             "have nowhere to go; build it with norm_affine=True (USP's variant)")
     if ecfg.get("mlp_act", "gelu") != cfg.mlp_act:
@@ -180,19 +194,27 @@ def transfer_to_dit(model, source, meta, keep_blocks=None):
     _, grid = _split_pos_embed(source, meta)
     g_src = math.isqrt(grid.shape[1])
     plan = {t: (s, None, None) for s, t in PATCH_TO_DIT.items()}
-    plan["pos_embed"] = ("pos_embed", resize_pos_embed(grid, cfg.grid_size),
-                         f"cls row dropped, bicubic {g_src}x{g_src} -> {cfg.grid_size}x{cfg.grid_size}")
+    plan["pos_embed"] = ("pos_embed", resize_pos_embed(grid, cfg.grid_size, pos_interp),
+                         f"cls row dropped, {_resize_how(g_src, cfg.grid_size, pos_interp)}")
     ignored = list(UNUSED_BY_DIT)
     fresh = [k for k in target_state if k.startswith(DIT_FRESH_PREFIXES)]
     for i in range(cfg.depth):
         block_keys = [f"blocks.{i}.{p}" for p in BLOCK_PARAMS]
         fresh += [k for k in target_state if k.startswith(f"blocks.{i}.adaLN_modulation.")]
         if i < n_keep:
-            plan.update({k: (k, None, None) for k in block_keys})
+            norms = [k for k in block_keys if ".norm" in k]
+            if copy_norms:
+                plan.update({k: (k, None, None) for k in block_keys})
+            else:  # Table 8b: the LayerNorm affine stays fresh (absent from a norm_affine=False target)
+                plan.update({k: (k, None, None) for k in block_keys if k not in norms})
+                ignored += norms
+                fresh += [k for k in norms if k in target_state]
         else:
             ignored += block_keys
             fresh += block_keys
     report = TransferReport()
+    report.notes = [] if copy_norms else ["LayerNorm affine NOT transferred (copy_norms=False): block norms keep "
+                                          "their fresh initialisation"]
     _account(source, target_state, plan, ignored, fresh, report, what)
     for i in range(n_keep, cfg.depth):
         model.reset_block(model.blocks[i])
@@ -224,7 +246,7 @@ def transfer_to_classifier(model, source, meta):
     pos = resize_pos_embed(grid, g_dst)
     if t_prefix:
         pos = torch.cat([prefix_rows.to(pos.dtype), pos], dim=1)
-    how = f"{'cls row kept' if t_prefix else 'cls row dropped'}, bicubic {g_src}x{g_src} -> {g_dst}x{g_dst}"
+    how = f"{'cls row kept' if t_prefix else 'cls row dropped'}, {_resize_how(g_src, g_dst, 'bicubic')}"
     plan = {k: (k, None, None) for k in source if k.startswith(("patch_embed.", "blocks."))}
     plan["pos_embed"] = ("pos_embed", pos, how)
     ignored = []

@@ -6,6 +6,8 @@ Layout of a cache directory:
                     (seed, view, image index), so the cached path keeps crop augmentation
   shard_00000.json  {"indices": image indices stored, "labels": [...], "skipped": [{"path", "error"}],
                      "stats": per-channel sums of the centre-crop posterior means}
+  build.json        written first: the settings the shards are built with; a later build into the folder
+                    (resumed or repeated) must match them, and the manifest (see `check_cache_settings`)
   manifest.json     written last, once every shard exists: what was encoded and how (see `expected_fields`),
                     with the per-channel latent mean/std (useful for VAEs whose latents are not ~unit scale)
 A shard is finished when its .json exists (it is written after the .npy, both atomically), so an interrupted
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import DataError
 from ..io import atomic_path, atomic_write_text
 from .images import draw_view, image_list_hash, list_images
 from .pipeline import make_decoder
@@ -30,16 +33,23 @@ FORMAT = "usp-fast-latents/2"
 CROP_POLICY = "adm-center"
 
 
-class CacheError(RuntimeError):
+class CacheError(DataError, RuntimeError):
     pass
 
 
 def default_cache_dir(cfg):
-    if cfg.data.cache_dir:
-        return Path(cfg.data.cache_dir)
-    src = Path(cfg.data.root or cfg.data.file_list)
-    tag = Path(str(cfg.vae.name)).name.replace("/", "_")
-    return src.parent / f"latents_{cfg.data.resolution}_{tag}"
+    return default_cache_dir_for(cfg.data, cfg.vae.name)
+
+
+def default_cache_dir_for(data, vae_name=None):
+    """data.cache_dir, else <root or file list>/../latents_<resolution>_<vae tag>."""
+    if data.cache_dir:
+        return Path(data.cache_dir)
+    if vae_name is None:
+        raise CacheError("data.cache_dir is unset and no VAE name was given to derive it")
+    src = Path(data.root or data.file_list)
+    tag = Path(str(vae_name)).name.replace("/", "_")
+    return src.parent / f"latents_{data.resolution}_{tag}"
 
 
 def expected_fields(cfg):
@@ -89,23 +99,70 @@ def build_cache(cfg, vae, device, rank=0, world_size=1, barrier=None):
 
 
 def _check_build_target(cache_dir, cfg, vae, list_hash, count):
-    """Never mix two different caches in one directory."""
+    """Never mix two different caches in one directory: a cache there (complete, or partial with its build.json)
+    must have been built with this config's settings; a new build records them in build.json first."""
+    check_cache_settings(cache_dir, cfg, list_hash, count, vae.identity)
     meta_path = cache_dir / "build.json"
-    meta = {"format": FORMAT, "resolution": cfg.data.resolution, "crop": CROP_POLICY, "vae": vae.identity,
-            "image_list_sha256": list_hash, "num_images": count, "shard_size": cfg.cache.shard_size,
-            "dtype": cfg.cache.dtype, "views": 1 + cfg.cache.views, "crop_scale": list(cfg.data.crop_scale),
-            "seed": cfg.run.seed}
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        diff = [f"{k}: cache has {old.get(k)!r}, config gives {v!r}" for k, v in meta.items() if old.get(k) != v]
-        if diff:
-            raise CacheError(f"{cache_dir} holds a different cache ({'; '.join(diff)}); choose another "
-                             "data.cache_dir or delete it")
-    else:
+    if not meta_path.exists():
+        meta = {"format": FORMAT, "resolution": cfg.data.resolution, "crop": CROP_POLICY, "vae": vae.identity,
+                "image_list_sha256": list_hash, "num_images": count, "shard_size": cfg.cache.shard_size,
+                "dtype": cfg.cache.dtype, "views": 1 + cfg.cache.views, "crop_scale": list(cfg.data.crop_scale),
+                "seed": cfg.run.seed}
         try:
             atomic_write_text(meta_path, json.dumps(meta, indent=2))
         except FileExistsError:
             pass
+
+
+def check_cache_settings(cache_dir, cfg, list_hash=None, num_images=None, vae_identity=None):
+    """Compare what a cache directory records (manifest.json, else build.json) with what `cfg` would build; raise
+    CacheError listing every differing field as `key: cache has X, config gives Y`. The image list and the VAE's
+    weights are compared only when given (`list_hash`/`num_images`, `vae_identity`). -> the manifest of a
+    complete cache, else None (nothing there, or a partial build that matches). Reads only: nothing is removed."""
+    cache_dir = Path(cache_dir)
+    manifest_path, build_path = cache_dir / "manifest.json", cache_dir / "build.json"
+    record = {}
+    for path in (build_path, manifest_path):  # the manifest wins where both record a field
+        if path.exists():
+            try:
+                record.update(json.loads(path.read_text()))
+            except (OSError, ValueError) as e:
+                raise CacheError(f"{path}: unreadable ({type(e).__name__}: {e}); choose another data.cache_dir "
+                                 "or delete it") from e
+    if not record:
+        if cache_dir.is_dir() and any(cache_dir.glob("shard_*")):
+            raise CacheError(f"{cache_dir} holds cache shards but no build.json or manifest.json saying how they "
+                             "were built; choose another data.cache_dir or delete it")
+        return None
+    views = 1 + cfg.cache.views
+    want = {"format": FORMAT, "data.resolution": cfg.data.resolution, "crop": CROP_POLICY,
+            "cache.views": cfg.cache.views, "cache.dtype": cfg.cache.dtype, "cache.shard_size": cfg.cache.shard_size,
+            "vae.name": str(cfg.vae.name), "vae.scale": float(cfg.vae.scale)}
+    vae = record.get("vae") or {}
+    have = {"format": record.get("format"), "data.resolution": record.get("resolution"), "crop": record.get("crop"),
+            "cache.views": record["views"] - 1 if isinstance(record.get("views"), int) else None,
+            "cache.dtype": record.get("dtype"), "cache.shard_size": record.get("shard_size"),
+            "vae.name": vae.get("name"), "vae.scale": vae.get("scale")}
+    if views > 1:  # the extra views are RandomResizedCrops drawn from (run.seed, view, index) within crop_scale
+        want.update({"data.crop_scale": list(cfg.data.crop_scale), "run.seed": cfg.run.seed})
+        have.update({"data.crop_scale": record.get("crop_scale"), "run.seed": record.get("seed")})
+    if vae_identity is not None:
+        want["vae.fingerprint"], have["vae.fingerprint"] = vae_identity.get("fingerprint"), vae.get("fingerprint")
+    if list_hash is not None:
+        want["image list (sha256)"], have["image list (sha256)"] = list_hash, record.get("image_list_sha256")
+    if num_images is not None:
+        want["image count"], have["image count"] = num_images, record.get("num_images")
+    diff = [f"{k}: cache has {_show(have[k])}, config gives {_show(v)}" for k, v in want.items()
+            if have[k] is not None and have[k] != v]  # a field an older cache did not record is not compared
+    state = "complete" if manifest_path.exists() else "partial"
+    if diff:
+        raise CacheError(f"{cache_dir} holds a different cache ({state}): {'; '.join(diff)}. Nothing was changed: "
+                         "choose another data.cache_dir, or delete it to rebuild")
+    return json.loads(manifest_path.read_text()) if state == "complete" else None
+
+
+def _show(v):
+    return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else repr(v)
 
 
 def _shard_views(cfg, res):
@@ -263,3 +320,9 @@ class LatentCache:
         for j, (i, f, v) in enumerate(zip(indices, flips, views)):
             out[j] = self._arrays[self.owner[i]][self.row[i], :, int(v), int(f)]
         return out[:, 0], out[:, 1], self.labels[indices]
+
+
+def open_cache(cache_dir, cfg):
+    """A finished latent cache that matches `cfg` (checked by check_manifest) -> (LatentCache, manifest)."""
+    manifest = check_manifest(cache_dir, cfg)
+    return LatentCache(cache_dir, manifest), manifest

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DataError
+from ..seeding import view_rng
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MAX_PIXELS = 10000 * 10000  # larger images are skipped as bad input (decoding one would take GBs of memory)
 
@@ -24,8 +27,27 @@ class BadImage(Exception):
     pass
 
 
-class SourceError(ValueError):
+class SourceError(DataError):
     pass
+
+
+def check_data_source(data, need_images, vae_name=None):
+    """Fail fast, before any VAE or model loads, on a data source that cannot work: with `need_images` the image
+    list must be non-empty (demo folders are made later, so they pass); else a complete latent cache must exist."""
+    from .cache import cache_status, default_cache_dir_for
+
+    if data.demo_images:
+        return
+    if need_images:
+        list_images(data.root, data.file_list)
+        return
+    if data.root is None and data.file_list is None and data.cache_dir is None:
+        raise SourceError("data: set data.cache_dir (a latent cache) or data.root / data.file_list (images)")
+    cache_dir = default_cache_dir_for(data, vae_name)
+    status = cache_status(cache_dir)
+    if status != "complete":
+        raise SourceError(f"latent cache {cache_dir} is {status}: build it with --stage cache (same config), or set "
+                          "data.auto_cache=true")
 
 
 def list_images(root=None, file_list=None):
@@ -173,7 +195,7 @@ def rrc_window(rng, width, height, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
 
 def draw_view(seed, epoch, index, width, height, size, crop="rrc", scale=(0.2, 1.0), flip=True):
     """The view of image `index` in `epoch`: a pure function of its arguments (exact resume, PIL == DALI)."""
-    rng = np.random.default_rng([seed, epoch, index, 0x5EED])
+    rng = view_rng(seed, epoch, index)
     window = rrc_window(rng, width, height, scale) if crop == "rrc" else None
     return View(window, size, flip and bool(rng.integers(0, 2)))
 

@@ -4,42 +4,30 @@ The order is the same `StreamPlan` the cache path uses (each image once per epoc
 epoch); the crop window comes from (seed, epoch, index) and the flip from the plan, so a resumed run sees the
 same pixels. A background thread keeps `data.prefetch` micro-batches decoded and encoded ahead of the step; on
 GPU the encode runs on a side CUDA stream and the batch carries an event the training stream waits on.
-A file that cannot be decoded is logged by name, counted, and replaced by the next decodable image of the list
-(a deterministic choice, so batch sizes and resume are unaffected).
+Every file's header is probed once at start-up: undecodable files are logged by name and left out, so the
+source's length (and the steps per epoch) counts decodable images only; with `data.fatal_bad_images` the first
+one is an error instead. A file that passes the probe but fails to decode later (truncated data) is logged by name,
+counted, and replaced by the next decodable image of the list (a deterministic choice, so batch sizes and resume
+are unaffected), or is an error with `data.fatal_bad_images`.
 With `data.randaug` set (fine-tuning), timm's RandAugment runs on each PIL crop in image space, before the VAE
 encode, seeded per (seed, epoch, index) so resume stays exact; DALI has no such hook, so decoding falls back to PIL.
 """
 import contextlib
 import logging
+import os
 import queue
-import random
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
-from .images import draw_view, list_images
+from ..errors import ConfigError, DataError
+from ..seeding import randaug_seed, seeded_global_rngs
+from .images import BadImage, draw_view, list_images, probe
 from .pipeline import make_decoder
 
 log = logging.getLogger(__name__)
-
-
-_GLOBAL_RNG_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def seeded_global_rngs(seed):
-    """Python's and NumPy's global RNGs seeded with `seed` for the block (held by one thread at a time), then
-    restored: for library code (timm's RandAugment, Mixup) that draws from them, made a pure function of a seed."""
-    with _GLOBAL_RNG_LOCK:
-        py_state, np_state = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
 
 
 class SeededRandAugment:
@@ -59,7 +47,7 @@ class SeededRandAugment:
         return lambda image: self(image, epoch, index)
 
     def __call__(self, image, epoch, index):
-        with seeded_global_rngs(int(np.random.SeedSequence([self.seed, epoch, index, 0xA06]).generate_state(1)[0])):
+        with seeded_global_rngs(randaug_seed(self.seed, epoch, index)):
             return self.transform(image)
 
 
@@ -68,11 +56,12 @@ class OnlineSource:
         self.cfg, self.vae, self.device = cfg, vae, torch.device(device)
         d = cfg.data
         if d.crop not in ("rrc", "center"):
-            raise ValueError(f"data.crop {d.crop!r}: expected rrc (RandomResizedCrop) or center (ADM centre crop)")
+            raise ConfigError(f"data.crop {d.crop!r}: expected rrc (RandomResizedCrop) or center (ADM centre crop)")
         if d.resolution % vae.downsample:
-            raise ValueError(f"data.resolution {d.resolution} is not a multiple of the VAE's downsampling "
-                             f"{vae.downsample}")
-        self.items, self.classes = list_images(d.root, d.file_list)
+            raise ConfigError(f"data.resolution {d.resolution} is not a multiple of the VAE's downsampling "
+                              f"{vae.downsample}")
+        listed, self.classes = list_images(d.root, d.file_list)
+        self.items, self.skipped = _decodable(listed, d)  # indices of the plan are indices of self.items
         self.randaug = SeededRandAugment(d.randaug, d.resolution, cfg.run.seed) if d.randaug else None
         decoder = d.decoder
         if self.randaug is not None and decoder != "pil":
@@ -81,7 +70,7 @@ class OnlineSource:
         self.decoder = make_decoder(decoder, self.device, cfg.train.micro_batch, d.num_workers, d.max_pixels)
         self.bad = {}  # index -> error, for files found undecodable (deterministic: a property of the file)
         self.manifest = {
-            "format": "online", "count": len(self.items), "num_images": len(self.items),
+            "format": "online", "count": len(self.items), "num_images": len(listed), "skipped": self.skipped,
             "resolution": d.resolution, "crop": "rrc" if d.crop == "rrc" else "adm-center",
             "crop_scale": list(d.crop_scale), "flip": d.flip, "views": 1, "vae": vae.identity,
             "latent_channels": vae.latent_channels, "latent_size": d.resolution // vae.downsample,
@@ -116,10 +105,12 @@ class OnlineSource:
                     out[j] = next(good)
                     continue
                 if used[j] not in self.bad:
+                    if self.cfg.data.fatal_bad_images:
+                        raise DataError(f"bad image (data.fatal_bad_images is set): {err}")
                     self.bad[used[j]] = err
                     log.warning("skipping bad image (%d so far): %s", len(self.bad), err)
                     if len(self.bad) == len(self.items):
-                        raise RuntimeError("data: every image failed to decode")
+                        raise DataError(f"{_where(self.cfg.data)}: every image failed to decode (last: {err})")
                 used[j] = self._next_good(used[j])
                 retry.append(j)
             pending = retry
@@ -134,6 +125,39 @@ class OnlineSource:
 
     def stream(self, plan, start_step, total_steps):
         return OnlineStream(self, plan, start_step, total_steps)
+
+
+def _where(d):
+    return f"data.root {d.root}" if d.root is not None else f"data.file_list {d.file_list}"
+
+
+def _probe_error(path, max_pixels):
+    try:
+        probe(path, max_pixels)
+    except BadImage as e:
+        return str(e)
+    return None
+
+
+def _decodable(items, d):
+    """Probe each file's header once (threads; the result is a property of the file, so every rank agrees) ->
+    (the decodable items in list order, [{"path", "error"}] of the others). DataError on the first bad file with
+    data.fatal_bad_images, or when none is decodable."""
+    t0 = time.time()
+    with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1, len(items)))) as pool:
+        errors = list(pool.map(lambda item: _probe_error(item[0], d.max_pixels), items))
+    good = [item for item, err in zip(items, errors) if err is None]
+    skipped = [{"path": item[0], "error": err} for item, err in zip(items, errors) if err is not None]
+    if skipped and d.fatal_bad_images:
+        raise DataError(f"bad image (data.fatal_bad_images is set): {skipped[0]['error']}")
+    if not good:
+        raise DataError(f"{_where(d)}: none of its {len(items)} images can be decoded (first: {skipped[0]['error']})")
+    if skipped:
+        log.warning("online source: %d of %d images skipped as unreadable (the epoch is the %d others):\n  %s%s",
+                    len(skipped), len(items), len(good), "\n  ".join(s["error"] for s in skipped[:20]),
+                    f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else "")
+    log.info("online source: probed %d images in %.1fs, %d decodable", len(items), time.time() - t0, len(good))
+    return good, skipped
 
 
 class OnlineStream:

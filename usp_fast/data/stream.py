@@ -10,6 +10,8 @@ views it uses, are also drawn from (seed, e). The online path draws its crop win
 import numpy as np
 import torch
 
+from ..seeding import epoch_rng
+
 
 class StreamPlan:
     def __init__(self, num_samples, seed, global_batch, micro_batch, world_size, rank, flip=True, views=1):
@@ -23,7 +25,7 @@ class StreamPlan:
 
     def _epoch_tables(self, epoch):
         if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
+            rng = epoch_rng(self.seed, epoch)
             perm = rng.permutation(self.n)
             flips = rng.integers(0, 2, self.n) if self.flip else np.zeros(self.n, dtype=np.int64)
             # drawn after the flips, so a single-view plan keeps the order and flips it always had

@@ -23,6 +23,7 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
 from ..data.images import IMAGE_EXTENSIONS, load_rgb
+from ..errors import UserError
 from ..io import atomic_path, atomic_write_text
 from .inception import SPATIAL, build_extractor, converted_weights_path, default_cache_dir
 
@@ -34,7 +35,7 @@ IS_SPLITS = 10
 PR_NEIGHBOURS = 3
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     pass
 
 

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-import kernels
+import usp_fast_kernels as kernels
 
-from .layers import Attention, Mlp, PatchEmbed, sincos_pos_embed_2d
+from .layers import Attention, Mlp, PatchEmbed, sincos_pos_embed_2d, unpatchify
 
 
 @dataclass
@@ -223,7 +223,7 @@ class DiT(nn.Module):
     def forward(self, x, t, y):
         """x [B, C, H, W] latents, t [B] timesteps, y [B] labels (null class allowed) -> [B, out_channels, H, W]."""
         h, _ = self._trunk(x, t, y)
-        return kernels.unpatchify(self.final_layer.linear(h), self.cfg.patch_size, self.cfg.out_channels)
+        return unpatchify(self.final_layer.linear(h), self.cfg.patch_size, self.cfg.out_channels)
 
     def block_features(self, x, t, y, blocks):
         """The residual stream after each listed block, averaged over tokens: {i: [B, D]} (per-block probe)."""
@@ -249,6 +249,17 @@ class DiT(nn.Module):
 
     def config_dict(self):
         return asdict(self.cfg)
+
+    @classmethod
+    def from_pretrained(cls, path, ema=True):
+        """A generator/ folder or a checkpoint folder of a generate run -> (DiT/SiT on CPU, fp32, eval, frozen;
+        meta). `ema`: the EMA weights (the ones to sample with) or the raw ones."""
+        from ..artifacts import load_generator_weights
+
+        state, meta = load_generator_weights(path, ema)
+        model = cls(DiTConfig(**meta["config"]))
+        model.load_state_dict(state)
+        return model.eval().requires_grad_(False), meta
 
 
 def _init_linears_and_norms(module):

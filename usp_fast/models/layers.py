@@ -77,3 +77,23 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def patchify(x, p):
+    """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C], each row laid out (p_row, p_col, channel) as the decoder predicts."""
+    B, C, H, W = x.shape
+    if H % p or W % p:
+        raise ValueError(f"patchify: latent size {H}x{W} is not divisible by patch size {p}")
+    h, w = H // p, W // p
+    x = x.reshape(B, C, h, p, w, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, h * w, p * p * C)
+
+
+def unpatchify(x, p, channels):
+    """[B, L, p*p*C] -> [B, C, H, W] for a square grid: the inverse of `patchify`."""
+    B, L, _ = x.shape
+    h = w = int(round(L**0.5))
+    if h * w != L:
+        raise ValueError(f"unpatchify: {L} patches do not form a square grid")
+    x = x.reshape(B, h, w, p, p, channels)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, h * p, w * p)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-import kernels
+import usp_fast_kernels as kernels
 
 from .layers import Block, PatchEmbed, sincos_pos_embed_2d
 
@@ -155,6 +155,30 @@ class USPViT(nn.Module):
         keep = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "in_chans", "input_size", "mlp_act",
                 "norm_eps")
         return {k: c[k] for k in keep} | {"grid_size": self.cfg.grid_size, "num_prefix_tokens": 1}
+
+    @classmethod
+    def from_pretrained(cls, export_dir):
+        """An encoder export (usp_fast.artifacts.save_encoder) -> (USPViT with the encoder weights, fp32, eval; the
+        MAE decoder is not exported and stays freshly initialised; meta)."""
+        from ..artifacts import ExportError, load_encoder
+
+        tensors, meta = load_encoder(export_dir)
+        c = meta["config"]
+        model = build_model(meta["model"], **{k: c[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio",
+                                                                  "patch_size", "in_chans", "input_size",
+                                                                  "mlp_act", "norm_eps")})
+        expected = set(model.encoder_state_dict())
+        if expected != set(tensors):
+            raise ExportError(f"{export_dir}: export does not match {meta['model']}: missing "
+                              f"{sorted(expected - set(tensors))[:5]}, unexpected {sorted(set(tensors) - expected)[:5]}")
+        model.load_state_dict(tensors, strict=False)
+        return model.eval(), meta
+
+    def save_pretrained(self, out_dir, model_name, **meta):
+        """-> the encoder export folder (see usp_fast.artifacts.save_encoder for `meta`)."""
+        from ..artifacts import save_encoder
+
+        return save_encoder(self, out_dir, model_name, **meta)
 
 
 def build_model(name, **overrides):

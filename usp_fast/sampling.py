@@ -1,0 +1,159 @@
+"""Sampling a trained DiT/SiT (library; the command is `usp-fast sample --config configs/generate/X.yaml
+[sample.key=value ...]`, several GPUs: `torchrun --nproc_per_node N -m usp_fast sample --config ...`).
+
+Reads the generate run's weights (sample.checkpoint, default <run>/generator/ or the run's latest checkpoint),
+EMA weights by default, and writes into sample.out_dir:
+  samples.npz  uint8 [N, H, W, 3] under 'arr_0': the ADM / guided-diffusion evaluator's FID input
+  grid.png     the first sample.grid images
+  samples.json what produced them (checkpoint, step, sampler, steps, guidance, seed)
+Samplers: DiT: ddpm (respaced ancestral, 250 steps default) or ddim; SiT: ode-heun, ode-euler or sde
+(Euler-Maruyama, last step the mean). Guidance: sample.cfg_scale on the prediction channels (first
+sample.cfg_channels latent channels; the DiT/SiT reference guides 3 of 4); DiT's variance channels are never guided.
+
+Determinism: images are made in global batches of sample.batch; batch k draws its labels, initial noise and
+sampler noise from one generator seeded by (sample.seed, k), and rank r of W makes batches r, r+W, ... So a seed
+gives the same images on any number of ranks (for a fixed batch size and device type).
+"""
+import json
+import logging
+import math
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from usp_fast import dist
+from usp_fast.diffusion import create_objective, guided_model
+from usp_fast.diffusion import sample as run_sampler
+from usp_fast.artifacts import find_generator, run_dir
+from usp_fast.io import atomic_path, atomic_write_text
+from usp_fast.models.dit import DiT
+from usp_fast.pictures import image_grid, save_png, to_uint8
+from usp_fast.seeding import sample_batch_seed
+
+log = logging.getLogger("usp_fast.sample")
+
+DEFAULT_METHOD = {"ddpm": "ddpm", "linear": "sde"}
+
+
+# ---- weights ----------------------------------------------------------------------------------------------------
+def find_checkpoint(cfg):
+    """sample.checkpoint, else <run>/generator/, else the run's latest complete checkpoint."""
+    return find_generator(run_dir(cfg.run), cfg.sample.checkpoint)
+
+
+def load_generator(path, use_ema=True):
+    """-> (DiT on CPU, fp32, eval; meta): see DiT.from_pretrained."""
+    return DiT.from_pretrained(path, ema=use_ema)
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------------
+def batch_generator(seed, k, device):
+    return torch.Generator(device=device).manual_seed(sample_batch_seed(seed, k))
+
+
+@torch.no_grad()
+def sample_latents(model, objective, scfg, method, k, size, device):
+    """Global batch k of `size` images -> (latents [size, C, h, w] fp32, labels [size])."""
+    cfg = model.cfg
+    gen = batch_generator(scfg.seed, k, device)
+    noise = torch.randn((size, cfg.in_channels, cfg.input_size, cfg.input_size), device=device, generator=gen)
+    labels = torch.randint(0, cfg.num_classes, (size,), device=device, generator=gen)
+    model_fn = guided_model(model, labels, scfg.cfg_scale, cfg.null_class, scfg.cfg_channels)
+    extra = {"eta": scfg.ddim_eta} if method == "ddim" else {"last_step_size": scfg.sde_last_step} if method == "sde" else {}
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=scfg.precision == "bf16" and device.type == "cuda")
+    with autocast:
+        return run_sampler(objective, model_fn, noise, method, scfg.steps, gen, **extra), labels
+
+
+def npy_to_npz(npy_path, npz_path):
+    """Wrap a .npy as 'arr_0' of an uncompressed .npz without loading it (50k images do not fit comfortably)."""
+    with atomic_path(npz_path) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            zf.write(npy_path, arcname="arr_0.npy")
+
+
+class Sampler:
+    """Everything one sampling job needs; `run` drives it. The steps are separate so that tests can play several
+    ranks in one process: open_output (rank 0), fill (every rank), finalize (rank 0)."""
+
+    def __init__(self, cfg, device="cpu"):
+        from usp_fast.vae import load_vae
+
+        self.cfg, self.scfg = cfg, cfg.sample
+        if self.scfg.precision not in ("fp32", "bf16"):
+            raise ValueError(f"sample.precision {self.scfg.precision!r}: expected fp32 or bf16")
+        self.device = torch.device(device)
+        self.ckpt = find_checkpoint(cfg)
+        self.model, self.meta = load_generator(self.ckpt, self.scfg.ema)
+        self.model.to(self.device)
+        self.method = DEFAULT_METHOD[self.meta["objective"]] if self.scfg.method == "auto" else self.scfg.method
+        self.objective = create_objective(self.meta["objective"], self.model.cfg.learn_sigma)
+        self.vae = load_vae(cfg.vae.name, cfg.vae.scale, device=self.device)
+        want = (self.meta.get("vae") or {}).get("fingerprint")
+        if want and self.vae.identity["fingerprint"] != want:
+            raise ValueError(f"vae {cfg.vae.name!r} (fingerprint {self.vae.identity['fingerprint']}) is not the VAE "
+                             f"this model was trained on ({self.meta['vae'].get('name')!r}, fingerprint {want})")
+        self.side = self.meta["latent_size"] * self.vae.downsample
+        s = self.scfg
+        tag = (f"{self.ckpt.name}-{'ema' if s.ema else 'raw'}-{self.method}{s.steps}-cfg{s.cfg_scale:g}"
+               f"{'' if s.cfg_channels is None else f'c{s.cfg_channels}'}-seed{s.seed}")
+        self.out = Path(s.out_dir) if s.out_dir else Path(cfg.run.out_dir) / cfg.run.name / "samples" / tag
+        self.npy = self.out / "samples.npy"
+
+    @property
+    def num_batches(self):
+        return math.ceil(self.scfg.num_images / self.scfg.batch)
+
+    def open_output(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        shape = (self.scfg.num_images, self.side, self.side, 3)
+        np.lib.format.open_memmap(self.npy, mode="w+", dtype=np.uint8, shape=shape).flush()
+        log.info("sampling %d images (%s, %s %d steps, cfg %g, %s weights, seed %d) from %s into %s", shape[0],
+                 self.meta["model"], self.method, self.scfg.steps, self.scfg.cfg_scale,
+                 "EMA" if self.scfg.ema else "raw", self.scfg.seed, self.ckpt, self.out)
+
+    def fill(self, rank=0, world=1):
+        """Make global batches rank, rank + world, ... and write them into their rows of samples.npy."""
+        from tqdm import tqdm
+
+        n, b = self.scfg.num_images, self.scfg.batch
+        images = np.lib.format.open_memmap(self.npy, mode="r+")
+        for k in tqdm(range(rank, self.num_batches, world), desc="sample", unit="batch", disable=rank != 0,
+                      dynamic_ncols=True):
+            size = min(b, n - k * b)
+            latents, _ = sample_latents(self.model, self.objective, self.scfg, self.method, k, size, self.device)
+            images[k * b:k * b + size] = to_uint8(self.vae.decode(latents))
+        images.flush()
+
+    def finalize(self, world=1):
+        npz = self.out / "samples.npz"
+        npy_to_npz(self.npy, npz)
+        self.npy.unlink()
+        save_png(image_grid(np.load(npz)["arr_0"][: self.scfg.grid]), self.out / "grid.png")
+        s = self.scfg
+        info = {"checkpoint": str(self.ckpt), "model": self.meta["model"], "step": self.meta.get("step"),
+                "method": self.method, "steps": s.steps, "cfg_scale": s.cfg_scale, "cfg_channels": s.cfg_channels,
+                "ema": s.ema, "seed": s.seed, "num_images": s.num_images, "batch": s.batch, "image_size": self.side,
+                "precision": s.precision, "world_size": world}
+        atomic_write_text(self.out / "samples.json", json.dumps(info, indent=1))
+        log.info("wrote %s and %s", npz, self.out / "grid.png")
+        return {"npz": str(npz), "grid": str(self.out / "grid.png")}
+
+
+def run(cfg, device="cpu", rank=0, world=1):
+    """Generate cfg.sample.num_images images on this rank of `world` -> dict of output paths (rank 0)."""
+    device = torch.device(device)
+    if device.type == "cuda":  # fp32 sampling with TF32 matmuls, as DiT's sampler
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    sampler = Sampler(cfg, device)
+    if rank == 0:
+        sampler.open_output()
+    dist.barrier()
+    sampler.fill(rank, world)
+    dist.barrier()
+    result = sampler.finalize(world) if rank == 0 else {}
+    dist.barrier()
+    return result

@@ -1,0 +1,74 @@
+"""The contract between the shared training loop (`usp_fast/engine.py`) and a stage (pretrain, generate, ...).
+
+A stage names its config schema (`usp_fast.config`) and says what the model is, how a micro-batch turns into a
+loss, and what to do after a step and at the end. `run(cfg, resume)` drives it: by default the shared Trainer
+(DeepSpeed set-up, the deterministic data stream, lr schedule, precision, logging, checkpoints, exact resume,
+the progress bar); stages that do not train per step (cache, probe) override `run`.
+"""
+
+
+class Stage:
+    #: stage name as given to --stage
+    name = ""
+    #: does the stage need class labels from the cache
+    needs_labels = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # ---- the driver ----
+    def check_inputs(self):
+        """Cheap checks of the user's inputs (data roots, export folders) before any process group, VAE, model or
+        data is touched. Raise a usp_fast.errors.UserError naming the key and what was expected."""
+        from ..data.images import check_data_source
+
+        d = self.cfg.data
+        check_data_source(d, need_images=d.source == "online" or d.auto_cache, vae_name=self.cfg.vae.name)
+
+    def run(self, resume=None):
+        """Prepare the data (latent cache or online source), then train with the shared loop. -> result dict."""
+        from ..engine import Trainer
+        from .cache import prepare_data
+
+        prepare_data(self.cfg, build_missing=self.cfg.data.auto_cache and self.cfg.data.source == "cache",
+                     reuse_complete=True)
+        return Trainer(self.cfg, self, resume=resume).train()
+
+    # ---- what the Trainer calls ----
+    def build_model(self, manifest):
+        """-> nn.Module. `manifest` is the latent cache's manifest dict (latent_channels, latent_size, num_classes...)."""
+        raise NotImplementedError
+
+    def param_groups(self, model):
+        """-> optimizer param groups (dicts with 'params' and 'weight_decay', optionally 'lr_scale');
+        the engine sets each group's lr."""
+        raise NotImplementedError
+
+    def build_optimizer(self, param_groups, base_lr):
+        """-> a torch optimizer over `param_groups` (default: AdamW with optim.betas, fused on CUDA). Each step the
+        engine sets every group's lr to the scheduled lr times the group's optional `lr_scale` (default 1)."""
+        import torch
+
+        params = [p for g in param_groups for p in g["params"]]
+        fused = bool(params) and params[0].device.type == "cuda"
+        return torch.optim.AdamW(param_groups, lr=base_lr, betas=tuple(self.cfg.optim.betas), fused=fused)
+
+    def loss(self, model, batch, generator):
+        """One micro-batch -> (scalar loss tensor, {name: scalar tensor} extra metrics; no host syncs).
+        batch: {'latents': [B, C, H, W] on the device in the compute dtype, 'labels': [B] int64 (if needed)}.
+        generator: a torch.Generator on the device, seeded per (seed, step, micro-step, rank), for all randomness."""
+        raise NotImplementedError
+
+    def after_step(self, model, step):
+        """Called after each optimizer step (e.g. EMA update)."""
+
+    def state_dict(self):
+        """Extra state saved in checkpoints (e.g. EMA weights)."""
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def finish(self, model, run_dir, manifest, step, epoch):
+        """Called once on rank 0 at the end (e.g. export the encoder). Returns a dict of paths to report."""
+        return {}

@@ -1,0 +1,159 @@
+"""The generate stage: DiT/SiT training on the latent cache, from a USP encoder export or from scratch.
+
+`python usp_fast/train.py --stage generate --config configs/generate/dit_b2.yaml` runs the shared loop
+(usp_fast/engine.py: DeepSpeed, deterministic data stream with cached flips, checkpoints, exact resume, logging)
+with this Task. The model comes from `model.name` (a registry name such as DiT-B/2 or SiT-XL/2, see
+usp_fast/models/dit.py) and `generate.init`:
+  random            DiT's own initialisation
+  usp:<export dir>  usp_fast.transfer: the pretrained encoder's patch conv, blocks and LayerNorm affine, the resized
+                    pos-emb; adaLN-Zero kept. The copied/ignored/initialised key sets go to <run>/transfer.json.
+Objective (generate.objective): ddpm (DiT: epsilon + learned sigma, hybrid loss) or linear (SiT: velocity).
+All randomness of a step (label dropout, timesteps, noise) comes from the engine's per-step generator, and the EMA
+is checkpointed through state_dict, so a resumed run is bitwise the uninterrupted one (fp32).
+
+EMA: an fp32 copy of every parameter on each rank, updated after each optimizer step with foreach ops from the
+module's parameters (with bf16 training those are DeepSpeed's bf16 weights, not its fp32 master partition).
+Supported with ZeRO 0-2, where every rank holds the full module parameters; ZeRO-3 partitions them and is refused.
+
+At the end rank 0 writes <run>/generator/: model.safetensors, ema.safetensors, generator.json (everything
+usp_fast/sample.py needs to rebuild the model). <run>/generator.json is also written at start, so sampling works
+from any intermediate checkpoint folder too.
+"""
+import json
+import logging
+from pathlib import Path
+
+from .. import dist
+from ..diffusion import create_objective, default_objective
+from ..artifacts import GENERATOR_FORMAT, load_encoder, run_dir, save_generator
+from ..io import atomic_write_text
+from ..ema import EMA
+from ..models.dit import DiT, drop_labels, model_config
+from ..optim import decay_groups
+from .base import Stage
+from ..errors import ConfigError
+from ..transfer import TransferError, transfer_to_dit
+
+log = logging.getLogger(__name__)
+
+
+def parse_init(init):
+    """'random' -> None; 'usp:<path>' -> Path."""
+    if init == "random":
+        return None
+    if isinstance(init, str) and init.startswith("usp:") and len(init) > 4:
+        return Path(init[4:])
+    raise ConfigError(f"generate.init {init!r}: expected 'random' or 'usp:<encoder export directory>'")
+
+
+def _check_vae(export_meta, manifest, export_path):
+    src, dst = export_meta.get("vae"), manifest.get("vae") or {}
+    if not src:
+        log.warning("encoder export %s records no VAE identity; cannot check it matches the cache's", export_path)
+        return
+    for key in ("fingerprint", "scale", "latent_channels"):
+        if key in src and key in dst and src[key] != dst[key]:
+            raise TransferError(f"the encoder at {export_path} was pretrained on latents of VAE {src.get('name')!r} "
+                             f"({key} {src[key]!r}), but the latent cache was made with {dst.get('name')!r} "
+                             f"({key} {dst[key]!r}): generation must use the same latent space")
+
+
+class GenerateStage(Stage):
+    name = "generate"
+    needs_labels = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        g = cfg.generate
+        self.init_path = parse_init(g.init)
+        if cfg.train.zero_stage == 3:
+            raise ConfigError("generate: the EMA needs every rank to hold the full parameters; use train.zero_stage "
+                             "0, 1 or 2 (ZeRO-3 is not supported for the generate stage)")
+        self.objective, self.objective_name = None, None
+        self.ema = None
+        self.null_class = None
+        self.run_dir = run_dir(cfg.run)
+
+    def check_inputs(self):
+        super().check_inputs()
+        if self.init_path is not None and not (self.init_path / "encoder.json").is_file():
+            raise ConfigError(f"generate.init: {self.init_path} is not an encoder export folder (no encoder.json); "
+                              "expected runs/<pretrain run>/export")
+
+    # ---- model ----
+    def model_spec(self, manifest, export_meta=None):
+        """-> DiTConfig for this run, from the registry name, the cache and (with a USP init) the export."""
+        g = self.cfg.generate
+        overrides = {"in_channels": manifest["latent_channels"], "input_size": manifest["latent_size"],
+                     "num_classes": manifest["num_classes"]}
+        usp = export_meta is not None
+        overrides["learn_sigma"] = g.learn_sigma
+        overrides["norm_affine"] = usp if g.norm_affine is None else g.norm_affine
+        overrides["mlp_act"] = g.mlp_act or (export_meta["config"].get("mlp_act", "gelu") if usp else "gelu_tanh")
+        overrides["class_dropout_prob"] = g.class_dropout_prob
+        return model_config(self.cfg.model.name, **overrides)
+
+    def build_model(self, manifest):
+        source = meta = None
+        if self.init_path is not None:
+            source, meta = load_encoder(self.init_path)
+            _check_vae(meta, manifest, self.init_path)
+        spec = self.model_spec(manifest, meta)
+        model = DiT(spec)
+        objective = self.cfg.generate.objective
+        self.objective_name = default_objective(spec.family) if objective == "auto" else objective
+        self.objective = create_objective(self.objective_name, spec.learn_sigma)
+        if self.objective_name == "ddpm" and not spec.learn_sigma:
+            log.info("ddpm without learn_sigma: fixed (large) variance, loss = L_simple")
+        self.null_class = spec.null_class
+        report = None
+        if source is not None:
+            report = transfer_to_dit(model, source, meta, self.cfg.generate.keep_blocks)
+            log.info("transfer %s -> %s:\n%s", self.init_path, self.cfg.model.name, report.summary())
+        self.ema = EMA(model, self.cfg.ema.decay)
+        n = sum(p.numel() for p in model.parameters())
+        log.info("model %s (%s, objective %s, init %s): %.2fM parameters, %d tokens, learn_sigma=%s, "
+                 "norm_affine=%s, mlp_act=%s", self.cfg.model.name, spec.family, self.objective_name,
+                 self.cfg.generate.init, n / 1e6, spec.grid_size**2, spec.learn_sigma, spec.norm_affine, spec.mlp_act)
+        if dist.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if report is not None:
+                atomic_write_text(self.run_dir / "transfer.json", json.dumps(report.as_dict(), indent=1))
+            atomic_write_text(self.run_dir / "generator.json", json.dumps(self.generator_meta(model, manifest), indent=1))
+        return model
+
+    def generator_meta(self, model, manifest, step=None, epoch=None):
+        return {"format": GENERATOR_FORMAT, "model": self.cfg.model.name, "config": model.config_dict(),
+                "objective": self.objective_name, "init": self.cfg.generate.init,
+                "latent_channels": manifest["latent_channels"], "latent_size": manifest["latent_size"],
+                "num_classes": manifest["num_classes"], "class_names": manifest.get("class_names"),
+                "resolution": manifest["resolution"], "vae": manifest["vae"], "ema_decay": self.cfg.ema.decay,
+                "step": step, "epoch": epoch}
+
+    def param_groups(self, model):
+        return decay_groups(model, self.cfg.optim.weight_decay)
+
+    # ---- training ----
+    def loss(self, model, batch, generator):
+        labels = drop_labels(batch["labels"], self.cfg.generate.class_dropout_prob, self.null_class, generator)
+        return self.objective.training_loss(model, batch["latents"], labels, generator)
+
+    def after_step(self, model, step):
+        self.ema.update(model)
+
+    def state_dict(self):
+        return {"ema": self.ema.state_dict()}
+
+    def load_state_dict(self, state):
+        if "ema" not in state:
+            raise KeyError("checkpoint has no EMA state: was it written by --stage generate?")
+        self.ema.load_state_dict(state["ema"])
+
+    def finish(self, model, run_dir, manifest, step, epoch):
+        weights = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+        ema = {**weights, **self.ema.state_dict()}
+        meta = self.generator_meta(model, manifest, step, epoch)
+        meta.pop("format")
+        out = save_generator(Path(run_dir) / "generator", weights, ema, meta)
+        log.info("saved generator weights (model + EMA) to %s", out)
+        return {"generator": str(out)}
