@@ -22,6 +22,7 @@ setup(
         "torch-fidelity>=0.3,<0.5",
         "safetensors>=0.4,<1",
         "pyyaml>=6,<7",
+        "pydantic>=2.5,<3",
         "tqdm>=4.60,<5",
         "tensorboard>=2.14,<3",
         "scikit-image>=0.22,<0.30",

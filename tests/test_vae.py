@@ -39,3 +39,56 @@ def test_random_sd_is_the_sd_architecture_and_warns_loudly(caplog):
     assert vae.latent_channels == 4 and vae.downsample == 8
     assert list(vae.module.config.block_out_channels) == [128, 256, 512, 512]
     assert load_vae("random-sd").identity["fingerprint"] == vae.identity["fingerprint"]  # seeded
+
+
+def test_latent_norm_round_trip_and_pooled_statistics():
+    import numpy as np
+
+    from usp_fast.vae import LatentNorm
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal([[-0.3], [0.2], [0.0]], [[0.6], [1.0], [0.8]], (3, 5000))).float()
+    manifest = {"latent_mean": x.mean(1).tolist(), "latent_std": x.std(1, unbiased=False).tolist()}
+    z = x.T.reshape(1000, 5, 3).permute(0, 2, 1)[..., None]  # [B, C, 5, 1]
+    for mode in ("channel", "scalar"):
+        norm = LatentNorm.from_manifest(mode, manifest)
+        y = norm.normalize(z)
+        torch.testing.assert_close(norm.denormalize(y), z, atol=1e-5, rtol=0)
+        again = LatentNorm.from_dict(norm.as_dict())
+        torch.testing.assert_close(again.normalize(z), y)
+    per_channel = LatentNorm.from_manifest("channel", manifest).normalize(z)
+    torch.testing.assert_close(per_channel.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(per_channel.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    pooled = LatentNorm.from_manifest("scalar", manifest).normalize(z)  # one mean/std: the pooled moments
+    assert abs(float(pooled.mean())) < 1e-4 and abs(float(pooled.std(unbiased=False)) - 1) < 1e-4
+    assert LatentNorm().normalize(z) is z
+    with pytest.raises(ValueError, match="statistics"):
+        LatentNorm.from_manifest("channel", {})
+
+
+def test_training_sees_normalised_latents_and_exports_record_it(tmp_path, built_cache, tiny_vae_dir):
+    import json
+    from pathlib import Path
+
+    from conftest import make_cfg
+    from usp_fast.artifacts import load_encoder
+    from usp_fast.engine import Trainer
+    from usp_fast.stages.pretrain import PretrainStage
+
+    cfg = make_cfg(tmp_path, built_cache.data.root, tiny_vae_dir, f"data.cache_dir={built_cache.data.cache_dir}",
+                   "train.max_steps=5", "vae.normalize=channel", "data.sample_posterior=false",
+                   "train.global_batch=40", "train.micro_batch=40")
+    seen = []
+
+    class Spy(PretrainStage):
+        def loss(self, model, batch, generator):
+            seen.append(batch["latents"].detach().clone())
+            return super().loss(model, batch, generator)
+
+    result = Trainer(cfg, Spy(cfg)).train()
+    manifest = json.loads((Path(built_cache.data.cache_dir) / "manifest.json").read_text())
+    meta = load_encoder(result["export"])[1]
+    assert meta["latent_norm"]["mode"] == "channel"
+    torch.testing.assert_close(torch.tensor(meta["latent_norm"]["mean"]), torch.tensor(manifest["latent_mean"]))
+    z = torch.cat(seen)  # every image once per epoch (flip and view vary): close to zero mean, unit std
+    assert z.mean((0, 2, 3)).abs().max() < 0.5 and (z.std((0, 2, 3)) - 1).abs().max() < 0.5

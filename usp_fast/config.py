@@ -69,6 +69,9 @@ class VAEConfig(Section):
                                                  "already in the local cache, or random-sd (architecture tests)")
     scale: float = key(0.18215, "latent scaling factor (SD-VAE 0.18215; TAESD family 1)")
     encode_batch: int = key(16, "images per VAE forward while caching or encoding online")
+    normalize: Literal["none", "scalar", "channel"] = key(
+        "none", "latent normalisation after vae.scale, from the cache manifest's statistics: none, scalar (one "
+                "mean/std) or channel (per-channel mean/std); undone before decoding, recorded in every export")
 
 
 class CacheConfig(Section):
@@ -192,6 +195,12 @@ class GenerateSection(Section):
     mlp_act: Optional[Literal["gelu", "gelu_tanh"]] = key(None, "unset: the export's activation with a USP init, "
                                                                 "else gelu_tanh (DiT)")
     class_dropout_prob: float = key(0.1, "label dropout for classifier-free guidance")
+    unconditional: bool = key(False, "label-free training and sampling: every label is the null class (one "
+                                     "model pass per sampling step, no guidance); for data without classes")
+    transfer_norms: bool = key(True, "USP init: copy the ViT's LayerNorm affine into the blocks (false: the "
+                                     "paper's Table 8b ablation, norms keep their fresh init)")
+    pos_interp: Literal["bicubic", "bilinear"] = key("bicubic", "USP init: position-embedding resize (bilinear: "
+                                                                "the paper's 512 px setting, Table 10)")
 
     @field_validator("init")
     @classmethod
@@ -203,6 +212,8 @@ class GenerateSection(Section):
 
 class EMASection(Section):
     decay: float = key(0.9999, "DiT/SiT EMA decay; updated after every optimizer step")
+    warmup: bool = key(False, "timm ModelEmaV3 warm-up: decay min(decay, 1 - (1 + step)^-2/3), so short runs' EMA "
+                              "is not dominated by the initial weights (the paper recipe: off)")
 
 
 class SampleSection(Section):
@@ -211,7 +222,8 @@ class SampleSection(Section):
     method: Literal["auto", "ddpm", "ddim", "ode-heun", "ode-euler", "sde"] = key(
         "auto", "auto (DiT: ddpm, SiT: sde); DiT: ddpm, ddim; SiT: ode-heun, ode-euler, sde")
     steps: int = key(250, "sampling steps (DiT: respaced DDPM/DDIM steps; SiT: solver steps)")
-    cfg_scale: float = key(1.0, "classifier-free guidance scale; 1 = plain conditional sampling")
+    cfg_scale: float = key(1.0, "classifier-free guidance scale; 1 = plain conditional (or unconditional) "
+                                "sampling")
     cfg_channels: Optional[int] = key(None, "guide only the first k latent channels (DiT/SiT reference: 3); "
                                             "unset: all")
     ema: bool = key(True, "sample with the EMA weights")

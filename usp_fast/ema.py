@@ -3,23 +3,36 @@ import torch
 
 
 class EMA:
-    """fp32 exponential moving average of a module's parameters: shadow <- decay * shadow + (1 - decay) * param."""
+    """fp32 exponential moving average of a module's parameters: shadow <- d * shadow + (1 - d) * param.
 
-    def __init__(self, model, decay):
-        self.decay = float(decay)
+    d is `decay`, or with `warmup` timm ModelEmaV3's warm-up d_n = min(decay, 1 - (1 + n)^(-2/3)) at the n-th
+    update (n from 0), so a short run's EMA follows the weights early instead of staying near the initial ones.
+    The update count is derived from the optimizer step, so a resumed run uses the same decays."""
+
+    WARMUP_POWER = 2 / 3  # timm's ModelEmaV3 default for short runs
+
+    def __init__(self, model, decay, warmup=False):
+        self.decay, self.warmup = float(decay), bool(warmup)
         self.names = [n for n, _ in model.named_parameters()]
         self.shadow = [p.detach().float().clone() for _, p in model.named_parameters()]
 
+    def decay_at(self, step):
+        """The decay of the update after optimizer step `step` (0-based)."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, 1.0 - (1.0 + step) ** -self.WARMUP_POWER)
+
     @torch.no_grad()
-    def update(self, model):
+    def update(self, model, step=None):
+        decay = self.decay if step is None else self.decay_at(step)
         params = [p.detach() for _, p in model.named_parameters()]
         if self.shadow[0].device != params[0].device:  # first update after the engine moved the model
             self.shadow = [s.to(params[0].device) for s in self.shadow]
         if params[0].dtype == torch.float32:
-            torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
+            torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
         else:  # bf16 weights: lerp needs equal dtypes; mul + add promote into the fp32 shadow
-            torch._foreach_mul_(self.shadow, self.decay)
-            torch._foreach_add_(self.shadow, params, alpha=1.0 - self.decay)
+            torch._foreach_mul_(self.shadow, decay)
+            torch._foreach_add_(self.shadow, params, alpha=1.0 - decay)
 
     def state_dict(self):
         return dict(zip(self.names, self.shadow))

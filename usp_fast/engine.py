@@ -70,6 +70,10 @@ class Trainer:
         o = cfg.optim
         self.base_lr = o.lr if o.lr is not None else o.blr * t.global_batch / 256
 
+        from .vae import LatentNorm
+
+        self.latent_norm = LatentNorm.from_manifest(cfg.vae.normalize, self.manifest)
+        self.manifest = {**self.manifest, "latent_norm": self.latent_norm.as_dict()}  # what the stage exports
         model = task.build_model(self.manifest).to(self.device)
         optimizer = task.build_optimizer(task.param_groups(model), self.base_lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -82,6 +86,7 @@ class Trainer:
         if dist.is_main():
             truncate_metrics(self.run_dir, self.start_step)  # rows past the start are written again
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            atomic_write_text(self.run_dir / "latent_norm.json", json.dumps(self.latent_norm.as_dict()))
             log.info("%s: %d %s, %d ranks, global batch %d (micro %d x accum %d), %.2f steps/epoch, "
                      "%d steps, base lr %.3g, %s on %s, ZeRO %d", task.name, len(self.data),
                      "latents" if cfg.data.source == "cache" else "images (online encode)", self.world,
@@ -170,7 +175,7 @@ class Trainer:
         if self.cfg.data.sample_posterior:
             std = batch["std"].to(self.device, non_blocking=True).float()
             mean = mean + std * torch.randn(mean.shape, device=self.device, generator=gen)
-        out = {"latents": mean.to(self.dtype)}
+        out = {"latents": self.latent_norm.normalize(mean).to(self.dtype)}
         if self.task.needs_labels:
             out["labels"] = batch["labels"].to(self.device, non_blocking=True)
         return out

@@ -12,6 +12,7 @@ Reads a pretrain run: its config.yaml (model, VAE, resolution) and a checkpoint 
 usp_fast.artifacts.read_checkpoint): the newest good one unless a checkpoint folder is given.
 """
 import contextlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -72,10 +73,15 @@ def mask_pixels(images_u8, mask, patch_pixels, grey=128):
 
 
 @torch.no_grad()
-def restore_images(model, vae, images, mask_ratio, generator=None):
-    """images [B, 3, R, R] in [-1, 1] -> (original, masked, restored) uint8 [B, R, R, 3] each."""
+def restore_images(model, vae, images, mask_ratio, generator=None, latent_norm=None):
+    """images [B, 3, R, R] in [-1, 1] -> (original, masked, restored) uint8 [B, R, R, 3] each. `latent_norm`: the
+    run's usp_fast.vae.LatentNorm (applied to the encoded latents, undone before decoding)."""
+    from usp_fast.vae import LatentNorm
+
+    norm = latent_norm or LatentNorm()
     latents, _ = vae.encode(images)
-    restored, mask = restore_latents(model, latents.float(), mask_ratio, generator)
+    restored, mask = restore_latents(model, norm.normalize(latents.float()), mask_ratio, generator)
+    restored = norm.denormalize(restored)
     original = to_uint8(images)
     patch_pixels = model.cfg.patch_size * vae.downsample
     return original, mask_pixels(original, mask, patch_pixels), to_uint8(vae.decode(restored))
@@ -144,7 +150,11 @@ def restore_folder(rdir, images, num=8, mask_ratio=0.75, seed=0, out=None, check
     model, cfg, vae = load_pretrain_model(rdir, checkpoint, device)
     batch = load_images(paths[:num], cfg.data.resolution).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    rows = restore_images(model, vae, batch, mask_ratio, gen)
+    from usp_fast.vae import LatentNorm
+
+    norm_file = Path(rdir) / "latent_norm.json"
+    norm = LatentNorm.from_dict(json.loads(norm_file.read_text())) if norm_file.is_file() else LatentNorm()
+    rows = restore_images(model, vae, batch, mask_ratio, gen, norm)
     out = Path(out) if out else Path(rdir) / f"restore_mask{mask_ratio:g}.png"
     save_rows(*rows, out)
     return out

@@ -26,6 +26,7 @@ import torch
 from usp_fast import dist
 from usp_fast.diffusion import create_objective, guided_model
 from usp_fast.diffusion import sample as run_sampler
+from usp_fast.errors import UserError
 from usp_fast.artifacts import find_generator, run_dir
 from usp_fast.io import atomic_path, atomic_write_text
 from usp_fast.models.dit import DiT
@@ -59,7 +60,13 @@ def sample_latents(model, objective, scfg, method, k, size, device):
     cfg = model.cfg
     gen = batch_generator(scfg.seed, k, device)
     noise = torch.randn((size, cfg.in_channels, cfg.input_size, cfg.input_size), device=device, generator=gen)
-    labels = torch.randint(0, cfg.num_classes, (size,), device=device, generator=gen)
+    if cfg.num_classes == 0:  # an unconditional model: the null class, one pass per step, no guidance
+        if scfg.cfg_scale != 1.0:
+            raise UserError(f"sample.cfg_scale={scfg.cfg_scale:g}: this model is unconditional (no classes to "
+                            "guide towards); use sample.cfg_scale=1")
+        labels = torch.full((size,), cfg.null_class, dtype=torch.long, device=device)
+    else:
+        labels = torch.randint(0, cfg.num_classes, (size,), device=device, generator=gen)
     model_fn = guided_model(model, labels, scfg.cfg_scale, cfg.null_class, scfg.cfg_channels)
     extra = {"eta": scfg.ddim_eta} if method == "ddim" else {"last_step_size": scfg.sde_last_step} if method == "sde" else {}
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=scfg.precision == "bf16" and device.type == "cuda")
@@ -79,7 +86,7 @@ class Sampler:
     ranks in one process: open_output (rank 0), fill (every rank), finalize (rank 0)."""
 
     def __init__(self, cfg, device="cpu"):
-        from usp_fast.vae import load_vae
+        from usp_fast.vae import LatentNorm, load_vae
 
         self.cfg, self.scfg = cfg, cfg.sample
         if self.scfg.precision not in ("fp32", "bf16"):
@@ -91,6 +98,7 @@ class Sampler:
         self.method = DEFAULT_METHOD[self.meta["objective"]] if self.scfg.method == "auto" else self.scfg.method
         self.objective = create_objective(self.meta["objective"], self.model.cfg.learn_sigma)
         self.vae = load_vae(cfg.vae.name, cfg.vae.scale, device=self.device)
+        self.latent_norm = LatentNorm.from_dict(self.meta.get("latent_norm"))  # undone before decoding
         want = (self.meta.get("vae") or {}).get("fingerprint")
         if want and self.vae.identity["fingerprint"] != want:
             raise ValueError(f"vae {cfg.vae.name!r} (fingerprint {self.vae.identity['fingerprint']}) is not the VAE "
@@ -124,7 +132,7 @@ class Sampler:
                       dynamic_ncols=True):
             size = min(b, n - k * b)
             latents, _ = sample_latents(self.model, self.objective, self.scfg, self.method, k, size, self.device)
-            images[k * b:k * b + size] = to_uint8(self.vae.decode(latents))
+            images[k * b:k * b + size] = to_uint8(self.vae.decode(self.latent_norm.denormalize(latents)))
         images.flush()
 
     def finalize(self, world=1):

@@ -15,6 +15,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -193,3 +194,52 @@ def load_vae(name, scale=0.18215, device="cpu", dtype=torch.float32, seed=0):
                     "config": [64] * 4 if vae.tiny else
                     json.loads(json.dumps(dict(module.config), default=str))["block_out_channels"]}
     return vae
+
+
+class LatentNorm:
+    """The latent normalisation a run trains in (`vae.normalize`), applied after `vae.scale` and undone before
+    decoding: `none` (only the scale), `scalar` (one mean and std over all channels) or `channel` (per-channel
+    mean and std), with the statistics the latent cache's manifest records. Every export records it."""
+
+    MODES = ("none", "scalar", "channel")
+
+    def __init__(self, mode="none", mean=None, std=None):
+        if mode not in self.MODES:
+            raise ValueError(f"vae.normalize {mode!r}: expected one of {', '.join(self.MODES)}")
+        self.mode = mode
+        self.mean = None if mode == "none" else torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+        self.std = None if mode == "none" else torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
+
+    @classmethod
+    def from_manifest(cls, mode, manifest):
+        if mode == "none":
+            return cls()
+        mean, std = manifest.get("latent_mean"), manifest.get("latent_std")
+        if mean is None or std is None:
+            from .errors import DataError
+            raise DataError(f"vae.normalize={mode} needs the per-channel latent statistics of a latent cache "
+                            "manifest; this data source has none (use vae.normalize=none with data.source=online)")
+        mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        if mode == "scalar":  # pooled over channels: the mean of means, and the std of the pooled distribution
+            m = mean.mean()
+            mean, std = np.array([m]), np.array([np.sqrt(np.mean(std ** 2 + (mean - m) ** 2))])
+        return cls(mode, mean.tolist(), np.maximum(std, 1e-6).tolist())
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls() if not d else cls(d["mode"], d.get("mean"), d.get("std"))
+
+    def as_dict(self):
+        if self.mode == "none":
+            return {"mode": "none"}
+        return {"mode": self.mode, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+    def normalize(self, z):
+        if self.mode == "none":
+            return z
+        return (z - self.mean.to(z.device, z.dtype)) / self.std.to(z.device, z.dtype)
+
+    def denormalize(self, z):
+        if self.mode == "none":
+            return z
+        return z * self.std.to(z.device, z.dtype) + self.mean.to(z.device, z.dtype)

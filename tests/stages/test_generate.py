@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from conftest import gen_cfg
+from usp_fast.config import load_config
+from usp_fast.diffusion import create_objective
+from usp_fast.errors import UserError
 from usp_fast.artifacts import complete_checkpoints, save_encoder
 from usp_fast.engine import Trainer
 from usp_fast.ema import EMA
@@ -126,3 +129,71 @@ def test_generate_config_checks(tmp_path, built_cache, usp_export):
         torch.testing.assert_close(task.state_dict()["ema"][name], 0.9 * start[name] + 0.1 * p)
     task.load_state_dict({"ema": start})
     assert all(torch.equal(task.state_dict()["ema"][k], v) for k, v in start.items())
+
+
+@pytest.fixture(scope="module")
+def usp_export_real_ln(tmp_path_factory, built_cache):
+    """An export whose LayerNorm affines are far from a fresh DiT's ones and zeros, so an LN transfer is visible."""
+    torch.manual_seed(1)
+    vit = build_vit("usp_vit_test", input_size=8)
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if ".norm" in name:
+                p.uniform_(0.3, 1.7) if name.endswith("weight") else p.uniform_(-0.5, 0.5)
+    m = _manifest(built_cache)
+    return save_encoder(vit, tmp_path_factory.mktemp("usp_export_ln"), "usp_vit_test", m["vae"], m["resolution"],
+                        0, 0.0), vit
+
+
+@pytest.mark.parametrize("norms", [True, False])
+def test_the_engine_trains_the_transferred_weights_from_step_0(tmp_path, built_cache, usp_export_real_ln, norms):
+    """Read the weights from the DeepSpeed engine itself, after it wrapped the model: a stage that re-initialised
+    its model after the transfer would still report every block as copied, and this catches it."""
+    export, vit = usp_export_real_ln
+    cfg = gen_cfg(tmp_path, built_cache, f"generate.init=usp:{export}", f"generate.transfer_norms={norms}")
+    trainer = Trainer(cfg, GenerateStage(cfg))
+    live = trainer.engine.module.state_dict()
+    src = vit.state_dict()
+    for i in range(len(vit.blocks)):
+        for p in BLOCK_PARAMS:
+            key = f"blocks.{i}.{p}"
+            if ".norm" in key and not norms:  # Table 8b: fresh LayerNorm affine, attention/MLP still copied
+                fresh = torch.ones_like(src[key]) if key.endswith("weight") else torch.zeros_like(src[key])
+                assert torch.equal(live[key], fresh), key
+            else:
+                assert torch.equal(live[key], src[key]), key
+    assert torch.equal(live["x_embedder.proj.weight"], src["patch_embed.proj.weight"])
+    report = json.loads((Path(cfg.run.out_dir) / "g" / "transfer.json").read_text())
+    assert ("LayerNorm affine NOT transferred" in " ".join(report["notes"])) != norms
+    assert "grid kept (no resize)" in report["resized"]["pos_embed"]
+
+
+def test_unconditional_mode_trains_and_samples_the_null_class_only(tmp_path, built_cache):
+    from usp_fast.sampling import sample_latents
+
+    cfg = gen_cfg(tmp_path, built_cache, "generate.unconditional=true", "train.max_steps=2", "run.name=u")
+    result = Trainer(cfg, GenerateStage(cfg)).train()
+    model, meta = load_generator(result["generator"])
+    assert model.cfg.num_classes == 0 and model.cfg.null_class == 0
+    assert model.y_embedder.embedding_table.weight.shape[0] == 1
+    scfg = load_config(None, ["sample.steps=2", "sample.method=ddim"], stage="generate").sample
+    objective = create_objective(meta["objective"], model.cfg.learn_sigma)
+    calls = []
+    model.register_forward_hook(lambda m, a, o: calls.append(a[2].clone()))
+    _, labels = sample_latents(model, objective, scfg, "ddim", 0, 3, torch.device("cpu"))
+    assert labels.tolist() == [0, 0, 0] and all(c.tolist() == [0, 0, 0] for c in calls)  # one pass per step
+    assert len(calls) == 2
+    guided = load_config(None, ["sample.cfg_scale=4"], stage="generate").sample
+    with pytest.raises(UserError, match="unconditional"):
+        sample_latents(model, objective, guided, "ddim", 0, 3, torch.device("cpu"))
+
+
+def test_ema_warmup_follows_timms_schedule_and_resumes_exactly():
+    lin = torch.nn.Linear(2, 2)
+    ema = EMA(lin, 0.999, warmup=True)
+    assert ema.decay_at(0) == 0.0 and abs(ema.decay_at(7) - (1 - 8 ** (-2 / 3))) < 1e-12
+    assert ema.decay_at(10**9) == 0.999 and EMA(lin, 0.999).decay_at(0) == 0.999
+    with torch.no_grad():
+        lin.weight.fill_(3.0)
+    ema.update(lin, 0)  # decay 0: the shadow is the weights
+    assert torch.equal(ema.shadow[0], lin.weight)

@@ -23,6 +23,8 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from .. import dist
 from ..diffusion import create_objective, default_objective
 from ..artifacts import GENERATOR_FORMAT, load_encoder, run_dir, save_generator
@@ -51,6 +53,11 @@ def _check_vae(export_meta, manifest, export_path):
     if not src:
         log.warning("encoder export %s records no VAE identity; cannot check it matches the cache's", export_path)
         return
+    src_norm = (export_meta.get("latent_norm") or {"mode": "none"})["mode"]
+    dst_norm = (manifest.get("latent_norm") or {"mode": "none"})["mode"]
+    if src_norm != dst_norm:
+        raise TransferError(f"the encoder at {export_path} was pretrained with vae.normalize={src_norm}, this run "
+                            f"uses vae.normalize={dst_norm}: both stages must see the same latents")
     for key in ("fingerprint", "scale", "latent_channels"):
         if key in src and key in dst and src[key] != dst[key]:
             raise TransferError(f"the encoder at {export_path} was pretrained on latents of VAE {src.get('name')!r} "
@@ -91,6 +98,8 @@ class GenerateStage(Stage):
         overrides["norm_affine"] = usp if g.norm_affine is None else g.norm_affine
         overrides["mlp_act"] = g.mlp_act or (export_meta["config"].get("mlp_act", "gelu") if usp else "gelu_tanh")
         overrides["class_dropout_prob"] = g.class_dropout_prob
+        if g.unconditional:  # one embedding row, the null class, used for every sample
+            overrides.update(num_classes=0, class_dropout_prob=1.0)
         return model_config(self.cfg.model.name, **overrides)
 
     def build_model(self, manifest):
@@ -108,9 +117,11 @@ class GenerateStage(Stage):
         self.null_class = spec.null_class
         report = None
         if source is not None:
-            report = transfer_to_dit(model, source, meta, self.cfg.generate.keep_blocks)
+            g = self.cfg.generate
+            report = transfer_to_dit(model, source, meta, g.keep_blocks, copy_norms=g.transfer_norms,
+                                     pos_interp=g.pos_interp)
             log.info("transfer %s -> %s:\n%s", self.init_path, self.cfg.model.name, report.summary())
-        self.ema = EMA(model, self.cfg.ema.decay)
+        self.ema = EMA(model, self.cfg.ema.decay, warmup=self.cfg.ema.warmup)
         n = sum(p.numel() for p in model.parameters())
         log.info("model %s (%s, objective %s, init %s): %.2fM parameters, %d tokens, learn_sigma=%s, "
                  "norm_affine=%s, mlp_act=%s", self.cfg.model.name, spec.family, self.objective_name,
@@ -128,6 +139,7 @@ class GenerateStage(Stage):
                 "latent_channels": manifest["latent_channels"], "latent_size": manifest["latent_size"],
                 "num_classes": manifest["num_classes"], "class_names": manifest.get("class_names"),
                 "resolution": manifest["resolution"], "vae": manifest["vae"], "ema_decay": self.cfg.ema.decay,
+                "latent_norm": manifest.get("latent_norm", {"mode": "none"}),
                 "step": step, "epoch": epoch}
 
     def param_groups(self, model):
@@ -135,11 +147,14 @@ class GenerateStage(Stage):
 
     # ---- training ----
     def loss(self, model, batch, generator):
-        labels = drop_labels(batch["labels"], self.cfg.generate.class_dropout_prob, self.null_class, generator)
+        if self.cfg.generate.unconditional:
+            labels = torch.full_like(batch["labels"], self.null_class)
+        else:
+            labels = drop_labels(batch["labels"], self.cfg.generate.class_dropout_prob, self.null_class, generator)
         return self.objective.training_loss(model, batch["latents"], labels, generator)
 
     def after_step(self, model, step):
-        self.ema.update(model)
+        self.ema.update(model, step)
 
     def state_dict(self):
         return {"ema": self.ema.state_dict()}

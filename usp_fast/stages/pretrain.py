@@ -36,6 +36,7 @@ class PretrainStage(Stage):
         if not self.cfg.train.export:
             return {}
         out = save_encoder(model, run_dir / "export", self.cfg.model.name, manifest["vae"],
-                           manifest["resolution"], step, epoch)
+                           manifest["resolution"], step, epoch,
+                           extra_meta={"latent_norm": manifest.get("latent_norm", {"mode": "none"})})
         log.info("exported encoder to %s", out)
         return {"export": str(out)}
