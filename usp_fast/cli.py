@@ -213,6 +213,12 @@ def main(argv=None):
         raise SystemExit(2) from None
 
 
+def console():
+    """The `usp-fast` console script: exit status 0 on success (main's result is for callers in Python)."""
+    main()
+    return 0
+
+
 def train_main(argv=None):
     """`deepspeed usp_fast/train.py ARGS` == `usp-fast train ARGS`."""
     return main(["train", *(sys.argv[1:] if argv is None else argv)])
