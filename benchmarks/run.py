@@ -63,6 +63,9 @@ class Context:
     repeats: int = 20      # timed steps (GPU)
     results: dict = field(default_factory=dict)  # this run's suite results so far, by name
     stored: dict = None    # this device's results file as it was before the run
+    preset: str = "cpu"    # fidelity suite: its preset, work folder and results folder
+    work: str = None
+    out: str = None
 
     @property
     def on_gpu(self):
@@ -427,6 +430,15 @@ suite("data", printer=print_data)(data_suite)
 suite("steps", printer=steps.print_steps)(steps.steps_suite)
 suite("cost", printer=cost.print_cost)(cost.cost_suite)
 ALL_ORDER = ("kernels", "data", "steps", "cost")  # cost reuses the steps results of the same run
+NOT_IN_ALL = ("fidelity",)  # an experiment of its own (minutes to hours): only when asked for by name
+
+
+@suite("fidelity")
+def fidelity_suite(ctx):
+    """USP init against scratch on real images (fidelity.py): writes its own fidelity-<device>-<preset>.* files."""
+    from usp_fast_benchmarks.fidelity import run_fidelity
+
+    return run_fidelity(ctx.preset, ctx.work, ctx.out)
 
 
 # ---- --check ----
@@ -498,7 +510,7 @@ def write_results(out_dir, env, results):
 def suite_names(arg):
     """'all' -> every suite, ALL_ORDER first; 'steps,cost' -> those, in the order given."""
     if arg == "all":
-        return [n for n in ALL_ORDER if n in SUITES] + [n for n in SUITES if n not in ALL_ORDER]
+        return [n for n in ALL_ORDER if n in SUITES] + [n for n in SUITES if n not in ALL_ORDER + NOT_IN_ALL]
     names = [n.strip() for n in arg.split(",") if n.strip()]
     unknown = [n for n in names if n not in SUITES]
     if unknown or not names:
@@ -517,15 +529,20 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU (always so on CPU)")
     parser.add_argument("--cases", help="steps suite: only cases whose name matches this regex, e.g. 'XL'")
     parser.add_argument("--repeats", type=int, default=20, help="steps suite: timed steps per case (GPU)")
+    parser.add_argument("--preset", default="cpu", help="fidelity suite: configs/fidelity/<preset>.yaml (smoke, cpu, "
+                        "gpu) or a YAML path")
+    parser.add_argument("--work", default=None, help="fidelity suite: folder of its runs (default "
+                        "runs/fidelity-<preset>); a rerun continues there")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    ctx = Context(device=device, tiny=args.tiny or device.type != "cuda", cases=args.cases, repeats=args.repeats)
+    ctx = Context(device=device, tiny=args.tiny or device.type != "cuda", cases=args.cases, repeats=args.repeats,
+                  preset=args.preset, work=args.work, out=args.out)
     env = environment(ctx)
     own_file = Path(args.out) / f"{slug(env['device'])}.json"
     names = args.suite or (suite_names("all") if args.check is None else [])
     if names:
-        if not ctx.on_gpu:
+        if not ctx.on_gpu and set(names) - set(NOT_IN_ALL):
             print("NO GPU: running on CPU through the Triton interpreter at tiny shapes. GPU figures are absent; "
                   "the times below only show that the benchmarks run.")
         ctx.stored = json.loads(own_file.read_text()) if own_file.exists() else None

@@ -202,7 +202,12 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = argv[:1] == ["--debug"]
+    if argv[debug:debug + 1] == ["bench"]:  # everything after `bench` is benchmarks/run.py's, options included
+        args = argparse.Namespace(command="bench", func=cmd_bench, debug=debug, bench_args=argv[debug + 1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:

@@ -56,8 +56,9 @@ class LatentVAE(torch.nn.Module):
     def encode(self, images):
         """images [B, 3, H, W] in [-1, 1] -> (mean, std), each [B, C, H/d, W/d], scaled."""
         images = images.to(self.dtype)
-        if self.tiny:  # TAESD takes [0, 1] and is deterministic
-            mean = self.module.encoder(images * 0.5 + 0.5) * self.scale
+        if self.tiny:  # TAESD takes [0, 1] and is deterministic; channels-last convs run ~1.25x faster on CPU
+            x = (images * 0.5 + 0.5).contiguous(memory_format=torch.channels_last)
+            mean = self.module.encoder(x).contiguous() * self.scale
             return mean, torch.zeros_like(mean)
         dist = self.module.encode(images).latent_dist
         return dist.mean * self.scale, dist.std * self.scale
@@ -67,7 +68,7 @@ class LatentVAE(torch.nn.Module):
         """scaled latents -> images [B, 3, H, W] in [-1, 1] (not clamped)."""
         latents = latents.to(self.dtype) / self.scale
         if self.tiny:
-            return self.module.decoder(latents) * 2 - 1
+            return self.module.decoder(latents.contiguous(memory_format=torch.channels_last)).contiguous() * 2 - 1
         return self.module.decode(latents).sample
 
 
@@ -188,6 +189,8 @@ def load_vae(name, scale=0.18215, device="cpu", dtype=torch.float32, seed=0):
                 f"smoke run. ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
         kind = "hub-cache"
     module = module.to(device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
+    if kind == "taesd":
+        module = module.to(memory_format=torch.channels_last)
     vae = LatentVAE(module, scale, {})
     vae.identity = {"name": str(name), "kind": kind, "scale": float(scale), "fingerprint": _fingerprint(module),
                     "latent_channels": vae.latent_channels, "downsample": vae.downsample,

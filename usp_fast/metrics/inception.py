@@ -185,4 +185,4 @@ def build_extractor(features, weights_path=None, device="cpu"):
         register_feature_extractor(NAME, UspInceptionV3)
     ext = UspInceptionV3(NAME, list(features), feature_extractor_weights_path=None if weights_path is None
                          else str(weights_path))
-    return ext.to(device)
+    return ext.to(device=device, memory_format=torch.channels_last)  # ~1.5x faster convolutions on CPU

@@ -126,14 +126,18 @@ def extract_cache_features(feature_fn, cache, batch, device, dtype=torch.float16
 
 
 def feature_source(p, seed, device):
-    """The frozen network named by probe.encoder or probe.generator -> (feature_fn, meta, depth)."""
+    """The frozen network named by probe.encoder or probe.generator -> (feature_fn, meta, model). The cached
+    latents are normalised as the network was trained (the latent_norm its export records) before its forward."""
+    from usp_fast.vae import LatentNorm
+
     if bool(p.encoder) == bool(p.generator):
         raise ValueError("probe: set exactly one of probe.encoder (an encoder export) or probe.generator (a DiT/SiT "
                          "generator/ folder or checkpoint folder)")
     if p.encoder:
         model, meta = load_frozen_encoder(p.encoder, device)
         blocks = resolve_blocks(p.blocks, len(model.blocks))
-        return (lambda x, key: encoder_features(model, x, p.pool, blocks)), meta, model
+        norm = LatentNorm.from_dict(meta.get("latent_norm"))
+        return (lambda x, key: encoder_features(model, norm.normalize(x), p.pool, blocks)), meta, model
     from usp_fast.diffusion import create_objective
     from usp_fast.sampling import load_generator
     from usp_fast.seeding import probe_noise_seed
@@ -144,10 +148,11 @@ def feature_source(p, seed, device):
     model = model.to(device)
     objective = create_objective(meta["objective"], model.cfg.learn_sigma)
     blocks = resolve_blocks(p.blocks or [-1], len(model.blocks))
+    norm = LatentNorm.from_dict(meta.get("latent_norm"))
 
     def fn(x, key):
         gen = torch.Generator().manual_seed(probe_noise_seed(seed, key))
-        return generator_features(model, objective, x, blocks, p.noise_level, gen)
+        return generator_features(model, objective, norm.normalize(x), blocks, p.noise_level, gen)
 
     return fn, meta, model
 
