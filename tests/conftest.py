@@ -2,7 +2,12 @@
 photo crops, and its latent cache. Everything runs on CPU in fp32."""
 import os
 
-import torch
+# The suite is the CPU fp32 suite even on a GPU machine (its exact-resume tests compare bitwise): hide the GPUs
+# unless USP_FAST_TEST_GPU=1 asks for the GPU paths. Set before torch first touches CUDA.
+if os.environ.get("USP_FAST_TEST_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -75,3 +75,13 @@ def test_deepspeed_entry_point_is_the_train_command():
     out = subprocess.run([sys.executable, str(REPO / "usp_fast" / "train.py"), "--stage", "pretrain", "--config",
                           DEMO, "train.epochs=abc"], capture_output=True, text=True)
     assert out.returncode == 2 and "'train.epochs'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_passes_its_options_through_to_the_benchmark_runner(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nviews: many\n")
+    with pytest.raises(SystemExit) as e:  # the fidelity suite's own preset check, reached through `usp-fast bench`
+        main(["bench", "--suite", "fidelity", "--preset", str(bad), "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml: 'views'" in err and len(err.strip().splitlines()) == 1

@@ -114,3 +114,34 @@ def test_metrics_never_hold_a_step_twice_after_a_kill_before_the_first_checkpoin
         f.write('{"step": 3, "lo')  # and mid-write
     Trainer(cfg, PretrainStage(cfg), resume="auto").train()
     assert [r["step"] for r in read_metrics(rdir)] == [1, 2, 3, 4]
+
+
+def test_every_run_plots_its_loss_and_lr_at_checkpoints_and_the_end(tmp_path, built_cache, tiny_vae_dir):
+    import numpy as np
+    from PIL import Image
+
+    cfg = _cfg(tmp_path, built_cache, tiny_vae_dir, "train.max_steps=4", "train.ckpt_every=2", "train.run_steps=2")
+    Trainer(cfg, PretrainStage(cfg)).train()  # stops at the checkpoint of step 2
+    png = Path(cfg.run.out_dir) / cfg.run.name / "loss.png"
+    first = np.asarray(Image.open(png).convert("RGB"))
+    assert first.shape[1] > first.shape[0] >= 200 and first.std() > 5  # two panels side by side, not blank
+    cfg = _cfg(tmp_path, built_cache, tiny_vae_dir, "train.max_steps=4", "train.ckpt_every=2")
+    Trainer(cfg, PretrainStage(cfg), resume="auto").train()
+    assert not np.array_equal(np.asarray(Image.open(png).convert("RGB")), first)  # redrawn with steps 3-4
+
+
+def test_bf16_accumulates_gradients_in_fp32_or_is_refused(tmp_path, built_cache, tiny_vae_dir):
+    from usp_fast.engine import deepspeed_config
+    from usp_fast.errors import ConfigError
+
+    def config(zero, micro=4):
+        cfg = _cfg(tmp_path, built_cache, tiny_vae_dir, f"train.zero_stage={zero}", f"train.micro_batch={micro}")
+        return deepspeed_config(cfg, 1, torch.bfloat16)
+
+    for zero in (1, 2, 3):
+        assert config(zero)["data_types"] == {"grad_accum_dtype": "fp32"}
+    with pytest.raises(ConfigError, match="zero_stage >= 1"):
+        config(0)  # 2 bf16 accumulation micro-steps with no fp32 buffer
+    assert "data_types" not in config(0, micro=8)  # no accumulation: nothing to accumulate
+    cfg = _cfg(tmp_path, built_cache, tiny_vae_dir, "train.zero_stage=1")
+    assert "data_types" not in deepspeed_config(cfg, 1, torch.float32)

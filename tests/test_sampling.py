@@ -100,3 +100,33 @@ def test_samplers_deterministic_per_seed_finite_and_cfg1_is_conditional(tmp_path
     guided, _ = sample_latents(model, objective, config_with("sample.cfg_scale=4.0").sample, method, 3, 2,
                                torch.device("cpu"))
     assert torch.isfinite(guided).all() and not torch.allclose(guided, x1)
+
+
+def test_fixed_classes_give_one_labelled_row_per_class(dit_cfg, tmp_path):
+    from PIL import Image
+
+    from usp_fast.sampling import fixed_class
+
+    cfg = dit_cfg(f"sample.out_dir={tmp_path / 'fixed'}", "sample.classes=[1, 0]", "sample.grid=6")
+    assert [fixed_class(cfg.sample, i) for i in range(8)] == [1, 1, 1, 0, 0, 0, 1, 1]  # rows of grid/2 = 3
+    model, _ = load_generator(Sampler(cfg).ckpt)
+    latents, labels = sample_latents(model, create_objective("ddpm", True), cfg.sample, "ddpm", 1, 4,
+                                     torch.device("cpu"))
+    assert labels.tolist() == [0, 0, 1, 1]  # batch 1 of size 4 holds images 4..7
+    out = run(cfg)
+    grid = np.asarray(Image.open(out["grid"]))
+    plain = run(dit_cfg(f"sample.out_dir={tmp_path / 'plain'}", "sample.grid=6"))
+    plain_grid = np.asarray(Image.open(plain["grid"]))
+    assert plain_grid.shape == (2 * 64, 3 * 64, 3)  # 6 images: ceil(sqrt(6)) = 3 per row
+    assert grid.shape[0] == 2 * 64 and grid.shape[1] > 3 * 64  # 2 class rows of 3, plus the label strip on the left
+    assert grid[:, : grid.shape[1] - 3 * 64].std() > 0  # the labels are drawn
+    assert json.loads((tmp_path / "fixed" / "samples.json").read_text())["classes"] == [1, 0]
+
+
+def test_classes_outside_the_model_or_for_an_unconditional_model_are_refused(dit_cfg, tmp_path):
+    from usp_fast.errors import UserError
+
+    cfg = dit_cfg(f"sample.out_dir={tmp_path / 'x'}", "sample.classes=[99]")
+    model, _ = load_generator(Sampler(cfg).ckpt)
+    with pytest.raises(UserError, match=r"sample.classes \[99\]"):
+        sample_latents(model, create_objective("ddpm", True), cfg.sample, "ddpm", 0, 2, torch.device("cpu"))

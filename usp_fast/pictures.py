@@ -60,3 +60,56 @@ def save_png(array, path):
     with atomic_path(path) as tmp:
         Image.fromarray(np.asarray(array, dtype=np.uint8)).save(tmp, format="PNG")  # tmp's suffix is not .png
     return path
+
+
+def plot_training_curves(rows, path, title=""):
+    """metrics.jsonl rows -> a PNG of the loss (log scale) and the learning rate against steps, written atomically.
+    -> the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(steps, [r["loss"] for r in rows], color="tab:blue")
+    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+    if all(r["loss"] > 0 for r in rows):
+        ax_loss.set_yscale("log")
+    ax_lr.plot(steps, [r["lr"] for r in rows], color="tab:orange")
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    ax_loss.grid(alpha=0.3)
+    ax_lr.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_probe_blocks(series, path, title="linear probe per block"):
+    """{label: {block index: top-1 %}} -> a PNG of accuracy against block index, one line per label (a noise level
+    or a model), as the paper's Figure 4. -> the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, acc in series.items():
+        blocks = sorted(acc)
+        ax.plot(blocks, [acc[b] for b in blocks], marker="o", label=label)
+    ax.set(xlabel="block", ylabel="top-1 (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path

@@ -54,6 +54,16 @@ def batch_generator(seed, k, device):
     return torch.Generator(device=device).manual_seed(sample_batch_seed(seed, k))
 
 
+def classes_per_row(scfg):
+    """With sample.classes: images per class block, which is also the grid's row length (one class per row)."""
+    return max(scfg.grid // len(scfg.classes), 1)
+
+
+def fixed_class(scfg, i):
+    """The class of image i under sample.classes: blocks of classes_per_row images per class, cycling."""
+    return scfg.classes[(i // classes_per_row(scfg)) % len(scfg.classes)]
+
+
 @torch.no_grad()
 def sample_latents(model, objective, scfg, method, k, size, device):
     """Global batch k of `size` images -> (latents [size, C, h, w] fp32, labels [size])."""
@@ -64,7 +74,16 @@ def sample_latents(model, objective, scfg, method, k, size, device):
         if scfg.cfg_scale != 1.0:
             raise UserError(f"sample.cfg_scale={scfg.cfg_scale:g}: this model is unconditional (no classes to "
                             "guide towards); use sample.cfg_scale=1")
+        if scfg.classes:
+            raise UserError("sample.classes: this model is unconditional (trained without labels); leave it empty")
         labels = torch.full((size,), cfg.null_class, dtype=torch.long, device=device)
+    elif scfg.classes:
+        bad = [c for c in scfg.classes if not 0 <= c < cfg.num_classes]
+        if bad:
+            raise UserError(f"sample.classes {bad}: this model has classes 0..{cfg.num_classes - 1}")
+        first = k * scfg.batch
+        labels = torch.tensor([fixed_class(scfg, first + j) for j in range(size)], dtype=torch.long, device=device)
+        torch.randint(0, cfg.num_classes, (size,), device=device, generator=gen)  # same noise as with random classes
     else:
         labels = torch.randint(0, cfg.num_classes, (size,), device=device, generator=gen)
     model_fn = guided_model(model, labels, scfg.cfg_scale, cfg.null_class, scfg.cfg_channels)
@@ -106,7 +125,8 @@ class Sampler:
         self.side = self.meta["latent_size"] * self.vae.downsample
         s = self.scfg
         tag = (f"{self.ckpt.name}-{'ema' if s.ema else 'raw'}-{self.method}{s.steps}-cfg{s.cfg_scale:g}"
-               f"{'' if s.cfg_channels is None else f'c{s.cfg_channels}'}-seed{s.seed}")
+               f"{'' if s.cfg_channels is None else f'c{s.cfg_channels}'}-seed{s.seed}"
+               f"{'-classes' if s.classes else ''}")
         self.out = Path(s.out_dir) if s.out_dir else Path(cfg.run.out_dir) / cfg.run.name / "samples" / tag
         self.npy = self.out / "samples.npy"
 
@@ -139,11 +159,21 @@ class Sampler:
         npz = self.out / "samples.npz"
         npy_to_npz(self.npy, npz)
         self.npy.unlink()
-        save_png(image_grid(np.load(npz)["arr_0"][: self.scfg.grid]), self.out / "grid.png")
         s = self.scfg
+        images = np.load(npz)["arr_0"][: s.grid]
+        if s.classes:  # one class per row, labelled with its name
+            cols = classes_per_row(s)
+            names = self.meta.get("class_names") or []
+            rows = [fixed_class(s, r * cols) for r in range((len(images) + cols - 1) // cols)]
+            labels = [f"{c}: {names[c]}" if c < len(names) else str(c) for c in rows]
+            grid = image_grid(images, cols=cols, row_labels=labels)
+        else:
+            grid = image_grid(images)
+        save_png(grid, self.out / "grid.png")
         info = {"checkpoint": str(self.ckpt), "model": self.meta["model"], "step": self.meta.get("step"),
                 "method": self.method, "steps": s.steps, "cfg_scale": s.cfg_scale, "cfg_channels": s.cfg_channels,
-                "ema": s.ema, "seed": s.seed, "num_images": s.num_images, "batch": s.batch, "image_size": self.side,
+                "ema": s.ema, "seed": s.seed, "classes": s.classes or None, "num_images": s.num_images,
+                "batch": s.batch, "image_size": self.side,
                 "precision": s.precision, "world_size": world}
         atomic_write_text(self.out / "samples.json", json.dumps(info, indent=1))
         log.info("wrote %s and %s", npz, self.out / "grid.png")

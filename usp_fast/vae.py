@@ -7,7 +7,10 @@
     layout (e.g. taef2: 32 channels, /8, latent scale 1; use vae.scale=1). Deterministic: std is 0.
   - a hub id, loaded only from the local cache (no downloads at run time): a missing one raises an error that
     says how to pass a local path,
-  - 'random-sd': the SD-VAE architecture with random weights, for smoke runs (logged loudly as untrained).
+  - 'random-sd': the SD-VAE architecture with random weights, for smoke runs (logged loudly as untrained),
+  - 'pixels': NOT a learned VAE: space-to-depth of the image into 8x8 blocks (3 x 8 x 8 = 192 channels at 1/8
+    resolution) and depth-to-space back, exactly invertible and weight-free. Demos and tests use it so that
+    restorations and samples show real image content without downloaded weights.
 Latents are returned scaled: scale * z, so the posterior std is scale * std as well.
 """
 import hashlib
@@ -40,7 +43,7 @@ class LatentVAE(torch.nn.Module):
         self.module = module.eval().requires_grad_(False)
         self.scale = float(scale)
         self.identity = identity
-        self.tiny = isinstance(module, TinyAutoencoder)
+        self.tiny = isinstance(module, (TinyAutoencoder, PixelSpace))  # deterministic, images in [0, 1]
         if self.tiny:
             self.latent_channels, self.downsample = module.latent_channels, module.downsample
         else:
@@ -50,7 +53,7 @@ class LatentVAE(torch.nn.Module):
 
     @property
     def dtype(self):
-        return next(self.module.parameters()).dtype
+        return next(self.module.parameters(), torch.empty(0)).dtype  # (PixelSpace has no parameters)
 
     @torch.no_grad()
     def encode(self, images):
@@ -139,6 +142,27 @@ class TinyAutoencoder(torch.nn.Module):
                            f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
 
 
+class PixelSpace(torch.nn.Module):
+    """vae.name=pixels: images in [0, 1] <-> [-1, 1] pixel values rearranged into 8 x 8 blocks (192 channels at 1/8
+    resolution). Not a learned VAE: no compression, no semantics, exactly invertible, no weights."""
+    downsample = 8
+    latent_channels = 3 * 8 * 8
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = _Lambda(lambda x: torch.nn.functional.pixel_unshuffle(x * 2 - 1, self.downsample))
+        self.decoder = _Lambda(lambda z: (torch.nn.functional.pixel_shuffle(z, self.downsample) + 1) / 2)
+
+
+class _Lambda(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 def _taesd_files(path):
     enc = sorted(Path(path).glob("*encoder.pth"))
     dec = sorted(Path(path).glob("*decoder.pth"))
@@ -166,6 +190,11 @@ def load_vae(name, scale=0.18215, device="cpu", dtype=torch.float32, seed=0):
             torch.manual_seed(seed)
             module = AutoencoderKL(**SD_VAE_CONFIG)
         kind = "random-sd"
+    elif name == "pixels":
+        log.warning("vae: pixels -- NOT a learned VAE: space-to-depth 8x8 blocks (192 channels), exactly "
+                    "invertible. For demos and tests; use a real VAE for results.")
+        module = PixelSpace()
+        kind = "pixels"
     elif Path(name).is_dir() and _taesd_files(name):
         enc, dec = _taesd_files(name)
         load = lambda p: torch.load(p, map_location="cpu", weights_only=True)  # noqa: E731
@@ -194,7 +223,7 @@ def load_vae(name, scale=0.18215, device="cpu", dtype=torch.float32, seed=0):
     vae = LatentVAE(module, scale, {})
     vae.identity = {"name": str(name), "kind": kind, "scale": float(scale), "fingerprint": _fingerprint(module),
                     "latent_channels": vae.latent_channels, "downsample": vae.downsample,
-                    "config": [64] * 4 if vae.tiny else
+                    "config": "space-to-depth 8" if kind == "pixels" else [64] * 4 if vae.tiny else
                     json.loads(json.dumps(dict(module.config), default=str))["block_out_channels"]}
     return vae
 

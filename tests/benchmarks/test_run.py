@@ -20,6 +20,14 @@ def test_kernels_suite_on_cpu_writes_every_op(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GPU figures are absent" in proc.stdout
 
+    chart = next(tmp_path.glob("cpu*-kernels.png"))  # the chart beside the results, listed in the README
+    from PIL import Image
+    import numpy as np
+
+    img = np.asarray(Image.open(chart).convert("RGB"))
+    assert img.shape[0] >= 250 and img.shape[1] >= 450 and img.std() > 5
+    assert f"![{chart.stem}]({chart.name})" in (tmp_path / "README.md").read_text()
+
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1 and files[0].name.startswith("cpu")
     record = json.loads(files[0].read_text())

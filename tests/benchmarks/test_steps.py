@@ -101,9 +101,9 @@ def test_steps_and_cost_suites_on_cpu_then_check(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--suite", "steps,cost", "--check",
                            "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # nothing judged is not a pass
     assert "GPU figures are absent" in proc.stdout
-    assert "no targets for this device" in proc.stdout
+    assert "no targets for this device" in proc.stdout and "nothing was checked" in proc.stdout
 
     record = json.loads(next(tmp_path.glob("cpu*.json")).read_text())
     result = record["suites"]["steps"]
@@ -163,12 +163,15 @@ TARGETS = {"test-gpu": {
 }}
 
 
-def _record(speedup=1.5, vs_paper=0.8, kernels_met=True):
+def _record(speedup=1.5, vs_paper=0.8, kernels_met=True, kernel_error=1e-3, partial=False):
     rows = {f"pretrain/{m}/b128/usp-fast": {"speedup_vs_reference": s, "peak_gib": 30.0}
             for m, s in (("usp_vit_b", speedup), ("usp_vit_xl", 1.5))}
-    kernel = {"targets_met": {"vs_eager": {"wanted": 2.0, "got": 2.5 if kernels_met else 1.5, "met": kernels_met}}}
+    expected = sorted(rows) + (["pretrain/usp_vit_l/b128/usp-fast"] if partial else [])
+    kernel = {"dtype": "bfloat16", "max_rel_error_vs_eager": kernel_error,
+              "targets_met": {"vs_eager": {"wanted": 2.0, "got": 2.5 if kernels_met else 1.5, "met": kernels_met}}}
     return {"device": "Test GPU", "date": "2026-01-01T00:00:00+00:00", "commit": "0" * 40,
-            "suites": {"steps": {"rows": rows}, "cost": {"rows": {"total/usp-fast": {"vs_paper": vs_paper}}},
+            "suites": {"steps": {"rows": rows, "expected_rows": expected},
+                       "cost": {"rows": {"total/usp-fast": {"vs_paper": vs_paper}}},
                        "kernels": {"ops": {"ln_modulate": kernel}}}}
 
 
@@ -178,6 +181,8 @@ def _record(speedup=1.5, vs_paper=0.8, kernels_met=True):
     ({"vs_paper": 1.2}, "cost/total/usp-fast"),
     ({"vs_paper": None}, "cost/total/usp-fast"),  # an absent figure is not a met target
     ({"kernels_met": False}, "kernels/ln_modulate"),
+    ({"kernel_error": 0.5}, "kernels/ln_modulate"),  # fast but wrong
+    ({"partial": True}, "steps/(partial run: 1 rows absent"),  # a --cases subset
 ])
 def test_check_exits_nonzero_with_the_missed_row(bench_run, tmp_path, capsys, change, missed_row):
     targets = tmp_path / "targets.yaml"
@@ -188,17 +193,17 @@ def test_check_exits_nonzero_with_the_missed_row(bench_run, tmp_path, capsys, ch
     out = capsys.readouterr().out
     missed = [line for line in out.splitlines() if "MISSED" in line and "targets met" not in line]
     if missed_row is None:
-        assert code == 0 and not missed and "6 of 6 targets met" in out
+        assert code == 0 and not missed and "7 of 7 targets met" in out
     else:
         assert code == 1 and len(missed) == 1 and missed_row in missed[0], out
 
 
-def test_check_without_targets_for_the_device_passes(bench_run, tmp_path, capsys):
+def test_check_without_targets_for_the_device_fails_saying_so(bench_run, tmp_path, capsys):
     record = {**_record(speedup=0.1), "device": "Other GPU"}
     record["suites"].pop("kernels")  # its own targets would apply on any GPU
     results = tmp_path / "other.json"
     results.write_text(json.dumps(record))
-    assert bench_run.check(results, bench_run.TARGETS) == 0
+    assert bench_run.check(results, bench_run.TARGETS) == 1  # nothing judged is not a pass
     assert "no targets for this device (other-gpu)" in capsys.readouterr().out
 
 
@@ -241,3 +246,17 @@ def test_tables_print_gpu_shaped_results(capsys):
     cost.print_cost(result, GPU)
     out = capsys.readouterr().out
     assert f"{800 * 1.28e6 / 1280 / 86400:.1f}" in out and f"{36 * 148 / 740:.1f}" in out
+
+
+def test_a_cases_subset_updates_its_rows_and_keeps_the_others(bench_run, tmp_path):
+    env = {"device": "Test GPU", "date": "2026-01-01T00:00:00+00:00", "commit": "a" * 40}
+    first = {"rows": {"pretrain/usp_vit_b/b128/usp-fast": {"step_ms": 10.0},
+                      "pretrain/usp_vit_xl/b128/usp-fast": {"step_ms": 50.0}}}
+    bench_run.write_results(tmp_path, env, {"steps": first})
+    later = {**env, "date": "2026-01-02T00:00:00+00:00", "commit": "b" * 40}
+    path = bench_run.write_results(tmp_path, later, {"steps": {"rows": {"pretrain/usp_vit_xl/b128/usp-fast":
+                                                                        {"step_ms": 40.0}}}})
+    rows = json.loads(path.read_text())["suites"]["steps"]["rows"]
+    assert rows["pretrain/usp_vit_b/b128/usp-fast"]["step_ms"] == 10.0  # kept, with the run that measured it
+    assert rows["pretrain/usp_vit_xl/b128/usp-fast"]["step_ms"] == 40.0
+    assert rows["pretrain/usp_vit_xl/b128/usp-fast"]["measured"]["commit"] == "b" * 40

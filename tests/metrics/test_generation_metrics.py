@@ -193,3 +193,24 @@ def test_npz_images_are_memory_mapped_when_stored_and_read_when_compressed(tmp_p
     batches = list(gen.ImageSource(tmp_path / "stored.npz").batches(2))
     assert [len(b) for b in batches] == [2, 2, 1]
     assert torch.equal(torch.cat(batches), torch.from_numpy(a).permute(0, 3, 1, 2))
+
+
+def test_low_rank_frechet_equals_the_matrix_square_root_form():
+    import numpy as np
+
+    from usp_fast.metrics.generation import bootstrap_fid, frechet, frechet_from_features
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(300, 48)) * 1.3 + 0.2
+    mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
+    for n in (12, 200):  # fewer and more samples than dimensions
+        x = rng.normal(size=(n, 48))
+        want = frechet(x.mean(0), np.cov(x, rowvar=False), mu, sigma)
+        assert abs(frechet_from_features(x, mu, sigma) - want) < 1e-6 * max(want, 1)
+    x = rng.normal(size=(40, 48))
+    spread = bootstrap_fid(x, mu, sigma, rounds=30, seed=1)
+    assert spread["fid"] == frechet_from_features(x, mu, sigma)
+    assert spread["lo"] < spread["fid"] < spread["hi"] and spread["std"] > 0 and spread["rounds"] == 30
+    assert spread["hi"] - spread["fid"] == pytest.approx(1.6449 * spread["std"], rel=1e-4)  # 90% normal interval
+    assert spread["resampled_mean"] > spread["fid"]  # duplicates in a resample look less diverse
+    assert spread == bootstrap_fid(x, mu, sigma, rounds=30, seed=1)  # seeded: reproducible

@@ -91,6 +91,8 @@ def test_linear_and_per_block_probe_beat_chance_on_held_out_faces(lfw_setup, lfw
     assert losses[-1] < losses[0]
     saved = json.loads((tmp / "runs" / "probe" / "probe.json").read_text())
     assert saved["accuracy"] == acc and saved["evaluated_on"].endswith("cache_val")
+    plot = np.asarray(Image.open(saved["blocks_plot"]).convert("RGB"))  # the Figure-4 style plot
+    assert plot.shape[0] >= 200 and plot.shape[1] >= 300 and plot.std() > 5
 
 
 def test_stage_probe_runs_the_same_probe(lfw_setup, lfw_folders, tiny_vae_dir, one_thread):
@@ -179,3 +181,22 @@ def test_per_block_probe_of_a_dit_beats_chance(lfw_setup, lfw_folders, tiny_vae_
         assert a["top1"] >= 70.0, (name, acc)  # chance is 50% on the balanced held-out set
     with pytest.raises(ValueError, match="exactly one of probe.encoder"):
         cli_main(["--debug", "train", "--stage", "probe", "--config", str(config), *overrides])
+
+
+def test_probe_normalises_latents_as_the_encoder_was_pretrained(tmp_path):
+    """An encoder pretrained with vae.normalize=channel sees (z - mean) / std: the probe must feed it the same."""
+    from usp_fast.config import ProbeSection
+    from usp_fast.stages.probe import feature_source
+
+    torch.manual_seed(0)
+    model = build_model("usp_vit_test", in_chans=4, input_size=4).eval()
+    norm = {"mode": "channel", "mean": [0.5, -1.0, 0.0, 2.0], "std": [2.0, 0.5, 1.0, 4.0]}
+    export = save_encoder(model, tmp_path / "export", "usp_vit_test", None, 32, 0, 0.0,
+                          extra_meta={"latent_norm": norm})
+    fn, meta, _ = feature_source(ProbeSection(encoder=str(export)), 0, "cpu")
+    z = torch.randn(3, 4, 4, 4) * 3
+    mean, std = torch.tensor(norm["mean"]).view(1, 4, 1, 1), torch.tensor(norm["std"]).view(1, 4, 1, 1)
+    want = encoder_features(model, (z - mean) / std, "cls")["final"]
+    got = fn(z, 0)["final"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(encoder_features(model, z, "cls")["final"], want, atol=1e-3)

@@ -117,13 +117,21 @@ def extract_features(source, extractor, batch_size=50, device="cpu", progress=Fa
     """-> {feature name: float32 tensor [N, d]} for every feature the extractor produces."""
     from tqdm import tqdm
 
+    import time
+
     names = extractor.get_requested_features_list()
     parts = {k: [] for k in names}
+    start, done = time.time(), 0
     with torch.no_grad(), tqdm(total=len(source), unit="img", desc="inception", disable=not progress) as bar:
         for batch in source.batches(batch_size):
             for k, v in zip(names, extractor(batch.to(device))):
                 parts[k].append(v.float().cpu())
             bar.update(len(batch))
+            done += len(batch)
+            if done == len(batch) and done < len(source):  # after the first batch: what the whole set will take
+                rate = done / max(time.time() - start, 1e-9)
+                log.info("inception: %.1f img/s on %s; %d images will take about %.1f min", rate, device,
+                         len(source), len(source) / rate / 60)
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -189,13 +197,21 @@ def frechet_from_features(features, mu, sigma):
 
 
 def bootstrap_fid(features, mu, sigma, rounds=100, seed=0, level=0.9):
-    """The FID's spread over resamplings (with replacement) of the sample set: -> {"lo", "hi", "std", "rounds"},
-    lo/hi the central `level` interval. A difference between two models smaller than this is noise."""
+    """How much the FID moves with the sample set: -> {"fid", "std", "lo", "hi", "resampled_mean", "rounds",
+    "level"}. `std` is over `rounds` resamplings with replacement; lo/hi is the normal interval fid -+ z * std at
+    `level`. (The resampled FIDs themselves sit above the full-sample FID, since duplicated samples look less
+    diverse, so their percentiles would not bracket it.) A difference between two models well inside this is
+    noise."""
+    from statistics import NormalDist
+
     rng = np.random.default_rng(seed)
     n = len(features)
+    point = frechet_from_features(features, mu, sigma)
     values = np.array([frechet_from_features(features[rng.integers(0, n, n)], mu, sigma) for _ in range(rounds)])
-    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return {"lo": float(lo), "hi": float(hi), "std": float(values.std()), "rounds": rounds, "level": level}
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    std = float(values.std())
+    return {"fid": point, "std": std, "lo": point - z * std, "hi": point + z * std,
+            "resampled_mean": float(values.mean()), "rounds": rounds, "level": level}
 
 
 def inception_score(logits, splits=IS_SPLITS):

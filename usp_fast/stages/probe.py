@@ -273,6 +273,13 @@ def run(cfg, device="cpu"):
               "noise_level": p.noise_level if p.generator else None, "evaluated_on": split,
               "num_train": len(labels), "num_eval": len(val_labels), "num_classes": manifest["num_classes"],
               "accuracy": acc, "history": history, "config": to_dict(cfg)}
+    blocks = {int(k.split("_")[1]): v["top1"] for k, v in acc.items() if k.startswith("block_")}
+    if blocks:  # the paper's Figure 4: accuracy against block index
+        from usp_fast.pictures import plot_probe_blocks
+
+        label = f"noise level {p.noise_level:g}" if p.generator else Path(p.encoder).parent.name or "encoder"
+        result["blocks_plot"] = str(plot_probe_blocks({label: blocks}, run_dir / "probe_blocks.png",
+                                                      f"per-block linear probe: {cfg.run.name}"))
     atomic_write_text(run_dir / "probe.json", json.dumps(result, indent=1))
     with atomic_path(run_dir / "probe_heads.pt") as tmp:
         torch.save({k: h.state_dict() for k, h in heads.items()}, tmp)

@@ -1,0 +1,205 @@
+"""Hopper compile gate, without a GPU: every Triton kernel launch the fused ops make at the production shapes
+(forward and backward, bf16 and fp32, with and without the LayerNorm affine a USP-initialised DiT has) is compiled
+ahead of time for sm_90a, and the `ptxas -v` that ships with Triton reports its registers and spills.
+
+`python benchmarks/compile_gate.py [--out benchmarks/results/compile-sm90.json]` (the CPU test runs it too). How:
+the launches are captured instead of run (`JITFunction.__getitem__` records the arguments), their signatures are
+derived from the arguments (pointer dtypes, integer widths, constexprs, num_warps), and each distinct variant goes
+through `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`. The launch sizing sees an H100 SXM's
+132 SMs. A kernel that fails to compile or spills registers fails the gate (exit 1).
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SM_COUNT = 132           # H100 SXM (H200: 132 as well)
+TARGET = ("cuda", 90, 32)
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+          torch.int32: "i32", torch.bool: "i1", torch.uint8: "u8"}
+
+
+@contextlib.contextmanager
+def captured_launches():
+    """Inside: `kernel[grid](...)` records (kernel, grid, args, kwargs) into the yielded list and does nothing."""
+    from triton.runtime.jit import JITFunction
+
+    import usp_fast_kernels._triton_utils as tu
+
+    launches = []
+    original, programs = JITFunction.__getitem__, tu.target_programs
+
+    def record(self, grid):
+        return lambda *args, **kwargs: launches.append((self, grid, args, kwargs))
+
+    JITFunction.__getitem__ = record
+    tu.target_programs = lambda device: tu.PROGRAMS_PER_SM * SM_COUNT
+    try:
+        yield launches
+    finally:
+        JITFunction.__getitem__, tu.target_programs = original, programs
+
+
+def variant(kernel, args, kwargs):
+    """-> (signature, constexprs, options) of one launch, as triton.compile takes them."""
+    params = kernel.params
+    names = [p.name for p in params]
+    values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    signature, constexprs = {}, {}
+    for p in params:
+        v = values[p.name]
+        if p.is_constexpr or v is None:  # (Triton specialises a None argument as a constexpr)
+            signature[p.name], constexprs[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            signature[p.name] = "*" + DTYPES[v.dtype]
+        elif isinstance(v, bool):
+            signature[p.name] = "i1"
+        elif isinstance(v, int):
+            signature[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+        elif isinstance(v, float):
+            signature[p.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}: argument {p.name} of type {type(v).__name__}")
+    return signature, constexprs, options
+
+
+def ptxas_report(ptx):
+    """PTX -> {registers, spill_stores, spill_loads, ...} from the `ptxas -v` bundled with Triton."""
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run([str(ptxas), "-v", f"-arch=sm_{TARGET[1]}a", str(src), "-o", str(Path(d) / "k.cubin")],
+                              capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    if proc.returncode:
+        raise RuntimeError(f"ptxas failed: {text[-500:]}")
+    get = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0  # noqa: E731
+    return {"registers": get(r"Used (\d+) registers"), "spill_stores": get(r"(\d+) bytes spill stores"),
+            "spill_loads": get(r"(\d+) bytes spill loads"), "stack_bytes": get(r"(\d+) bytes stack frame"),
+            "smem_bytes": get(r"(\d+) bytes smem")}
+
+
+def compile_variant(kernel, signature, constexprs, options):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget(*TARGET),
+                              options={k: v for k, v in options.items() if k in ("num_warps", "num_stages")})
+    return compiled.asm["ptx"]
+
+
+def production_cases():
+    """(name, fn running forward + backward of one op at its production shape) for every fused op's Triton path."""
+    return [case for dtype in (torch.bfloat16, torch.float32) for case in _cases(dtype)]
+
+
+def _cases(dtype):
+    import importlib
+
+    from usp_fast_kernels import adaln, masked_tokens
+
+    mse = importlib.import_module("usp_fast_kernels.patch_norm_mse")
+    tag = DTYPES[dtype]
+
+    def t(*shape, grad=True, fp32=False):
+        return torch.empty(*shape, dtype=torch.float32 if fp32 else dtype).normal_().requires_grad_(grad)
+
+    def run(fn):
+        outs = fn()
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    B, L, K, D, Dd = 256, 196, 49, 1152, 512  # pretrain ViT-XL (25% of 14x14 tokens kept), its 512-wide decoder
+    ids = torch.argsort(torch.rand(B, L), 1)
+    Bg, T = 256, 256  # DiT-XL/2 at 256 px
+    cases = [
+        (f"keep_gather/{tag}", lambda: run(lambda: masked_tokens.keep_gather_triton(
+            t(B, L, D), ids[:, :K], t(L, D, grad=False, fp32=True)))),
+        (f"unshuffle/{tag}", lambda: run(lambda: masked_tokens.unshuffle_triton(
+            t(B, 1 + K, Dd), t(Dd), torch.argsort(ids, 1), t(1 + L, Dd, grad=False, fp32=True), 1))),
+        (f"patch_norm_mse/{tag}", lambda: run(lambda: mse.patch_norm_mse_triton(
+            t(B, L, 16), t(B, 4, 28, 28, grad=False), (torch.rand(B, L) < 0.75).to(dtype), 2))),
+        (f"gate_residual/{tag}", lambda: run(lambda: adaln.gate_residual_triton(
+            t(Bg, T, D), t(Bg, D), t(Bg, T, D)))),
+    ]
+    for affine in (False, True):  # DiT's LayerNorm without affine; a USP-initialised DiT's with it
+        a = "affine" if affine else "plain"
+
+        def wb(affine=affine):
+            return (t(D), t(D)) if affine else (None, None)
+
+        cases += [
+            (f"ln_modulate/{a}/{tag}", lambda wb=wb: run(lambda: adaln.ln_modulate_triton(
+                t(Bg, T, D), t(Bg, D), t(Bg, D), *wb()))),
+            (f"gate_residual_ln_modulate/{a}/{tag}", lambda wb=wb: run(lambda: adaln.gate_residual_ln_modulate_triton(
+                t(Bg, T, D), t(Bg, D), t(Bg, T, D), t(Bg, D), t(Bg, D), *wb()))),
+        ]
+    return cases
+
+
+def run_gate(cases=None):
+    """-> the report: one entry per distinct kernel variant, each with its registers and spills."""
+    import triton
+
+    variants, errors = {}, []
+    for name, fn in cases or production_cases():
+        with captured_launches() as launches:
+            fn()
+        for kernel, grid, args, kwargs in launches:
+            signature, constexprs, options = variant(kernel, args, kwargs)
+            key = json.dumps([kernel.__name__, signature, {k: str(v) for k, v in constexprs.items()}, options],
+                             sort_keys=True)
+            if key in variants:
+                variants[key]["used_by"].append(name)
+                continue
+            entry = {"kernel": kernel.__name__, "signature": {k: v for k, v in signature.items() if v != "constexpr"},
+                     "constexprs": {k: v for k, v in constexprs.items()}, "options": options, "used_by": [name]}
+            try:
+                entry |= ptxas_report(compile_variant(kernel, signature, constexprs, options))
+                entry["ok"] = entry["spill_stores"] == 0 and entry["spill_loads"] == 0
+            except Exception as e:  # noqa: BLE001 - a compile failure is the finding, reported per variant
+                entry |= {"ok": False, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+                errors.append(entry)
+            variants[key] = entry
+    rows = list(variants.values())
+    return {"target": f"sm_{TARGET[1]}a (Hopper), warp size {TARGET[2]}", "sm_count_assumed": SM_COUNT,
+            "triton": triton.__version__, "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "variants": rows, "all_ok": all(r["ok"] for r in rows),
+            "max_registers": max((r.get("registers", 0) for r in rows), default=0)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "compile-sm90.json"))
+    args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU target, not the interpreter
+    report = run_gate()
+    from usp_fast.io import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
+    for r in report["variants"]:
+        state = "ok   " if r["ok"] else "FAIL "
+        detail = r.get("error") or (f"{r['registers']:>3} regs, spills {r['spill_stores']}/{r['spill_loads']} B, "
+                                    f"warps {r['options'].get('num_warps', 4)}")
+        print(f"  {state}{r['kernel']:<28} {detail}  ({', '.join(r['used_by'][:3])})")
+    print(f"{len(report['variants'])} variants for {report['target']}: "
+          f"{'all compile without spills' if report['all_ok'] else 'FAILURES above'}; written to {args.out}")
+    return 0 if report["all_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""`usp-fast demo` (make demo): the whole chain with the weight-free pixels autoencoder, pictures that show the
+photos, a summary naming every file, and a second run that reuses everything."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from usp_fast.config import ConfigError
+from usp_fast.demo import run_demo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _overrides(tmp_path):
+    return [f"run.out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'demo'}", "data.demo_images=24",
+            "train.max_steps=6", "train.log_every=2", "train.ckpt_every=3", "sample.num_images=8", "sample.grid=8",
+            "sample.steps=5", "sample.batch=8"]
+
+
+def test_demo_runs_the_whole_chain_and_reuses_it(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(REPO)
+    result = run_demo(_overrides(tmp_path))
+    out = capsys.readouterr().out
+    for what in ("restoration pictures", "sample grid", "pretrain loss curve", "generate loss curve", "evaluation"):
+        assert what in out and Path(result[what]).exists(), what
+        assert result[what] in out
+    assert np.isfinite(result["fid"]) and "FID of 8 samples" in out
+    restoration = np.asarray(Image.open(result["restoration pictures"]).convert("RGB"))
+    assert 6 * 128 <= restoration.shape[0] < 7 * 128 and restoration.std() > 20  # six rows of 128 px, real content
+    grid = np.asarray(Image.open(result["sample grid"]).convert("RGB"))
+    assert grid.shape[0] == 4 * 128 and grid.std() > 5  # classes [0, 1, 2, 3]: one row each, 2 per row
+    for curve in ("pretrain loss curve", "generate loss curve"):
+        assert np.asarray(Image.open(result[curve]).convert("RGB")).std() > 5
+
+    again = run_demo(_overrides(tmp_path))
+    assert set(again["timings"].values()) == {"reused"} and again["fid"] == result["fid"]
+
+
+def test_demo_override_that_neither_config_has_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match="neither demo config has the key 'sample.colour'"):
+        run_demo(["sample.colour=red"])
