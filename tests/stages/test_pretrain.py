@@ -96,7 +96,7 @@ def test_two_process_deepspeed_sees_each_sample_once_per_epoch(tmp_path, built_c
     n = 40
     args = [f"run.out_dir={tmp_path / 'runs'}", "run.name=ddp", "data.demo_images=0", f"data.root={built_cache.data.root}",
             f"data.cache_dir={built_cache.data.cache_dir}", "data.resolution=64", "data.num_workers=0",
-            f"vae.name={tiny_vae_dir}", "model.name=usp_vit_test", "train.global_batch=8", "train.micro_batch=2",
+            f"vae.name={tiny_vae_dir}", "vae.scale=0.18215", "vae.normalize=none", "model.name=usp_vit_test", "train.global_batch=8", "train.micro_batch=2",
             "train.max_steps=10", "train.log_every=5", "train.audit_samples=true", "train.zero_stage=2"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29533",
