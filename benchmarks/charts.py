@@ -13,25 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from usp_fast.pictures import save_figure
+
 
 def _figure(ncols=1, width=7.0, height=4.0):
-    import matplotlib
+    from usp_fast.pictures import new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
-    return plt, fig, axes[0]
-
-
-def _save(plt, fig, path):
-    from usp_fast.io import atomic_path
-
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    fig, axes = new_figure(1, ncols, figsize=(width * ncols, height))
+    return fig, axes[0]
 
 
 def _bars(ax, groups, series, ylabel, title, log=False):
@@ -53,7 +42,7 @@ def kernels_chart(result, device, path):
     ops = list(result["ops"])
     impls = sorted({i for e in result["ops"].values() for i in e["impls"]})
     speed = any(e.get("speedup") for e in result["ops"].values())
-    plt, fig, axes = _figure(3 if speed else 1)
+    fig, axes = _figure(3 if speed else 1)
     _bars(axes[0], ops, {i: [result["ops"][op]["impls"].get(i, {}).get("fwd_bwd_ms") for op in ops] for i in impls},
           "fwd+bwd ms", f"kernels on {device}", log=True)
     if speed:
@@ -63,7 +52,7 @@ def kernels_chart(result, device, path):
         axes[1].axhline(1.0, color="grey", lw=0.8)
         _bars(axes[2], ops, {"triton": [result["ops"][op]["impls"]["triton"].get("copy_bw_fraction_fwd_bwd")
                                         for op in ops]}, "fraction of copy bandwidth", "achieved bandwidth")
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def steps_chart(result, device, path):
@@ -71,13 +60,13 @@ def steps_chart(result, device, path):
     cases = sorted({k.rsplit("/", 1)[0] for k in rows})
     impls = sorted({r["impl"] for r in rows.values()})
     mfu = any(r.get("mfu") for r in rows.values())
-    plt, fig, axes = _figure(2 if mfu else 1)
+    fig, axes = _figure(2 if mfu else 1)
     _bars(axes[0], cases, {i: [rows.get(f"{c}/{i}", {}).get("img_per_s") for c in cases] for i in impls}, "img/s",
           f"training steps on {device}", log=True)
     if mfu:
         _bars(axes[1], cases, {i: [rows.get(f"{c}/{i}", {}).get("mfu") for c in cases] for i in impls}, "MFU",
               "model FLOP utilisation")
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def cost_chart(result, device, path):
@@ -85,20 +74,20 @@ def cost_chart(result, device, path):
     stages = sorted({k.split("/")[0] for k in rows})
     impl = sorted({k.split("/")[1] for k in rows})[0]
     pick = lambda key: [rows.get(f"{s}/{impl}", {}).get(key) for s in stages]  # noqa: E731
-    plt, fig, axes = _figure()
+    fig, axes = _figure()
     _bars(axes[0], stages, {f"measured here ({impl})": pick("gpu_days"), "paper, H20 (Table 5)": pick("paper_h20_days"),
                             "paper, converted to this GPU": pick("paper_days_here")}, "GPU-days",
           f"the GPU-day bill on {device}")
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def data_chart(result, device, path):
     keys = [k for k in ("decode_augment_img_s", "decode_augment_encode_img_s") if k in result]
     configs = sorted({c for k in keys for c in result[k]})
-    plt, fig, axes = _figure()
+    fig, axes = _figure()
     _bars(axes[0], configs, {k.removesuffix("_img_s").replace("_", " + "): [result[k].get(c) for c in configs]
                              for k in keys}, "img/s", f"input pipeline on {device}", log=True)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 CHARTS = {"kernels": kernels_chart, "steps": steps_chart, "cost": cost_chart, "data": data_chart}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "fidelity"
@@ -420,8 +420,6 @@ class Fidelity:
         return self.refs[dataset]
 
     def evaluate_checkpoint(self, ckpt, dataset, name, step):
-        import torch
-
         from usp_fast.config import SampleSection
         from usp_fast.diffusion import create_objective
         from usp_fast.metrics.generation import bootstrap_fid
@@ -641,16 +639,11 @@ def summarize(doc):
 
 
 def plot_curves(doc, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from usp_fast.io import atomic_path
+    from usp_fast.pictures import new_figure, save_figure
 
     groups = [g for g in ("dit", "sit", "clothing_dit") if any(k.startswith(g + "_") and
                                                               k.removeprefix(g + "_") in ARMS for k in doc["arms"])]
-    fig, axes = plt.subplots(2, len(groups), figsize=(5 * len(groups), 8), squeeze=False)
+    fig, axes = new_figure(2, len(groups), figsize=(5 * len(groups), 8))
     for j, g in enumerate(groups):
         ax_fid, ax_loss = axes[0, j], axes[1, j]
         dataset = "clothing" if g.startswith("clothing") else "imagenet"
@@ -671,10 +664,7 @@ def plot_curves(doc, path):
         ax_fid.legend(fontsize=7)
         ax_loss.legend(fontsize=7)
     fig.suptitle(f"USP fidelity, preset {doc['preset']}, {doc['device']}, {doc['date']}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def table_markdown(doc):

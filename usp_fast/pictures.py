@@ -62,16 +62,34 @@ def save_png(array, path):
     return path
 
 
-def plot_training_curves(rows, path, title=""):
-    """metrics.jsonl rows -> a PNG of the loss (log scale) and the learning rate against steps, written atomically.
-    -> the path."""
+def new_figure(rows=1, cols=1, figsize=(7.0, 4.0)):
+    """A matplotlib figure (headless backend) -> (fig, axes [rows, cols])."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(rows, cols, figsize=figsize, squeeze=False)
+
+
+def save_figure(fig, path, dpi=80):
+    """Lay out, write atomically as PNG (creating the folder) and close a figure. -> the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curves(rows, path, title=""):
+    """metrics.jsonl rows -> a PNG of the loss (log scale) and the learning rate against steps, written atomically.
+    -> the path."""
     steps = [r["step"] for r in rows]
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, ((ax_loss, ax_lr),) = new_figure(1, 2, figsize=(10, 3.6))
     ax_loss.plot(steps, [r["loss"] for r in rows], color="tab:blue")
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
     if all(r["loss"] > 0 for r in rows):
@@ -82,34 +100,17 @@ def plot_training_curves(rows, path, title=""):
     ax_lr.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_probe_blocks(series, path, title="linear probe per block"):
     """{label: {block index: top-1 %}} -> a PNG of accuracy against block index, one line per label (a noise level
     or a model), as the paper's Figure 4. -> the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ((ax,),) = new_figure(figsize=(6, 4))
     for label, acc in series.items():
         blocks = sorted(acc)
         ax.plot(blocks, [acc[b] for b in blocks], marker="o", label=label)
     ax.set(xlabel="block", ylabel="top-1 (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
