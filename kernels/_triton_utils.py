@@ -1,6 +1,8 @@
 """Launch sizing and layout helpers shared by the Triton paths of the fused ops. Plain Python and torch: importing
 this module does not import triton (the `@triton.jit` kernels live in the `_*_jit` modules, loaded on first launch)."""
 import functools
+import json
+from pathlib import Path
 
 import torch
 
@@ -10,6 +12,12 @@ TILE_ELEMENTS = 4096
 PROGRAMS_PER_SM = 4
 # Programs to aim for under TRITON_INTERPRET=1, where each program instance costs Python time.
 INTERPRETER_PROGRAMS = 8
+# Measured launch configurations, (op, D, dtype) -> num_warps and programs per SM; written by
+# benchmarks/tune_launch.py on a GPU and committed. Looked up, never tuned at run time: a fixed configuration
+# keeps the chunking, hence the reduction order, hence the bitwise results, the same on every run.
+LAUNCH_TABLE_FILE = Path(__file__).with_name("launch_table.json")
+# Heuristic defaults where the table has no entry: forward programs carry no reduction and spread wider.
+DEFAULT_PROGRAMS_PER_SM = {"fwd": 16, "bwd": 4}
 
 
 def cdiv(a, b):
@@ -34,6 +42,36 @@ def col_block(width, max_block=256, min_block=64):
     return min(best[1], next_pow2(width))
 
 
+def split_row(width, min_tail=16):
+    """A row of `width` columns as (main, tail) power-of-two blocks: main the largest power of two <= width, tail
+    the smallest (>= min_tail) covering the rest: 1152 -> (1024, 128), 768 -> (512, 256), 1024 -> (1024, 16)
+    (an all-masked tail). Padding 1152 to one 2048-wide block would leave 44% of the lanes masked."""
+    main = 1 << (max(int(width), 1).bit_length() - 1)
+    return main, max(next_pow2(width - main), min_tail)
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_table(path=LAUNCH_TABLE_FILE):
+    if not Path(path).is_file():
+        return {}
+    data = json.loads(Path(path).read_text())
+    return {(e["op"], int(e["D"]), e["dtype"]): e for e in data.get("entries", [])}
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def launch_config(op, width, dtype, block_elems):
+    """-> {num_warps, programs_per_sm, source} for `op` ('<name>/fwd' or '/bwd') at row width `width`: the
+    committed table's measured entry, else the heuristic (4 warps up to 1024-wide blocks, 8 above)."""
+    entry = _launch_table().get((op, int(width), DTYPE_NAMES.get(dtype, str(dtype))))
+    if entry is not None:
+        return {"num_warps": int(entry["num_warps"]), "programs_per_sm": int(entry["programs_per_sm"]),
+                "source": entry.get("measured_on", "table")}
+    return {"num_warps": 8 if block_elems > 1024 else 4,
+            "programs_per_sm": DEFAULT_PROGRAMS_PER_SM[op.rsplit("/", 1)[-1]], "source": "heuristic"}
+
+
 def rows_per_tile(block_cols):
     return max(1, TILE_ELEMENTS // block_cols)
 
@@ -47,11 +85,16 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def sm_count(device):
+    """The device's SMs; on CPU (the interpreter) a count that gives about INTERPRETER_PROGRAMS programs."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, INTERPRETER_PROGRAMS // PROGRAMS_PER_SM)
+
+
 def target_programs(device):
     """How many programs a reduction-carrying launch should have to fill the device."""
-    if device.type == "cuda":
-        return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return INTERPRETER_PROGRAMS
+    return PROGRAMS_PER_SM * sm_count(device)
 
 
 def unit_stride_rows(t):

@@ -30,27 +30,31 @@ def gate_residual_ln_modulate_reference(x, gate, y, shift, scale, weight=None, b
 # ---------------------------------------------------------------------------------------------------------------
 # Triton path. One forward and one backward kernel serve all three ops (constexpr RESIDUAL / LN switches). A
 # program owns one batch row b and a chunk of its tokens, so the per-sample vectors (shift, scale, gate) are loaded
-# once and its token rows are walked in tiles of whole rows (LayerNorm needs the full row).
+# once, and walks its token rows one at a time (LayerNorm needs the full row) as a power-of-two main block plus a
+# tail block (1152 = 1024 + 128: no padding to 2048), with 1-D column accumulators. Inputs and incoming gradients
+# are read through their strides: no `.contiguous()` copy of a full activation.
 # Backward reductions stay deterministic without atomics: each program writes fp32 partials
 #   A = sum_t dout * xhat,  S = sum_t dout,  G = sum_t dx1 * y    ([B, chunks, D] each)
 # and a small finalize kernel sums them over chunks in a fixed order, giving
 #   d(shift) = S,  d(scale) = A * w + S * bias,  d(gate) = G,  and per batch block (1 + scale) * A and
 #   (1 + scale) * S, whose sums over blocks are d(weight) and d(bias).
+# Launch sizes (warps, programs per SM) come from the committed table in _triton_utils (no runtime autotuning:
+# the chunking fixes the reduction order, so results are bitwise repeatable).
 # The @triton.jit kernels are in _adaln_jit.py, imported at the first launch: this module needs no triton.
 # ---------------------------------------------------------------------------------------------------------------
 
-# Forward programs carry no reduction, so they can be spread wider than backward ones.
-_FORWARD_PROGRAM_FACTOR = 4
 _FINALIZE_BLOCK_B = 16
 
 
-def _row_chunks(B, T, D, programs):
-    """(BLOCK_D, rows per tile, rows per program, chunks per batch row) for about `programs` programs."""
-    block_d = tu.next_pow2(D)
-    rows = min(tu.rows_per_tile(block_d), tu.next_pow2(T))
-    chunks = max(1, min(tu.cdiv(programs, B), tu.cdiv(T, rows)))
-    rows_per_program = tu.cdiv(tu.cdiv(T, chunks), rows) * rows
-    return block_d, rows, rows_per_program, tu.cdiv(T, rows_per_program)
+def _row_chunks(B, T, programs):
+    """(rows per program, chunks per batch row) for about `programs` programs over B batch rows of T tokens."""
+    chunks = max(1, min(tu.cdiv(programs, B), T))
+    rows_per_program = tu.cdiv(T, chunks)
+    return rows_per_program, tu.cdiv(T, rows_per_program)
+
+
+def _strides3(t):
+    return tuple(t.stride()) if t is not None else (0, 0, 0)
 
 
 def _check_adaln(name, x, y, vectors, weight, bias):
@@ -68,6 +72,10 @@ def _check_adaln(name, x, y, vectors, weight, bias):
     tu.check_same_device(name, x, y, weight, bias, *vectors.values())
 
 
+def _op_name(residual, ln):
+    return "gate_residual_ln_modulate" if residual and ln else "gate_residual" if residual else "ln_modulate"
+
+
 class _AdaLN(torch.autograd.Function):
     """residual: x1 = x + gate * y; ln: LN(h) * (1 + scale) + shift with h = x1 (residual) or x. Outputs
     x1 and/or the modulated norm, in that order."""
@@ -77,25 +85,24 @@ class _AdaLN(torch.autograd.Function):
         from ._adaln_jit import _adaln_fwd_kernel  # the first launch imports triton
 
         B, T, D = x.shape
-        x = x.contiguous()
-        y = y.contiguous() if residual else None
         gate = tu.unit_stride_rows(gate) if residual else None
         shift = tu.unit_stride_rows(shift) if ln else None
         scale = tu.unit_stride_rows(scale) if ln else None
-        weight = weight.contiguous() if weight is not None else None
+        weight = weight.contiguous() if weight is not None else None  # [D]: no-ops for parameters
         bias = bias.contiguous() if bias is not None else None
-        res = torch.empty_like(x) if residual else None
-        out = torch.empty_like(x) if ln else None
-        block_d, rows, rows_per_program, chunks = _row_chunks(
-            B, T, D, _FORWARD_PROGRAM_FACTOR * tu.target_programs(x.device))
+        res = torch.empty((B, T, D), dtype=x.dtype, device=x.device) if residual else None
+        out = torch.empty((B, T, D), dtype=x.dtype, device=x.device) if ln else None
+        block_a, block_t = tu.split_row(D)
+        cfg = tu.launch_config(f"{_op_name(residual, ln)}/fwd", D, x.dtype, block_a)
+        rows_per_program, chunks = _row_chunks(B, T, cfg["programs_per_sm"] * tu.sm_count(x.device))
         _adaln_fwd_kernel[(B, chunks)](
             x, y if residual else x, gate if residual else x, shift if ln else x, scale if ln else x,
             weight if weight is not None else x, bias if bias is not None else x,
             res if residual else x, out if ln else x,
-            T, D, rows_per_program, gate.stride(0) if residual else 0, shift.stride(0) if ln else 0,
-            scale.stride(0) if ln else 0, eps,
+            T, D, rows_per_program, *x.stride(), *_strides3(y if residual else None),
+            gate.stride(0) if residual else 0, shift.stride(0) if ln else 0, scale.stride(0) if ln else 0, eps,
             RESIDUAL=residual, LN=ln, HAS_W=weight is not None, HAS_B=bias is not None,
-            ROWS=rows, BLOCK_D=block_d, num_warps=tu.num_warps_for(block_d),
+            BLOCK_A=block_a, BLOCK_T=block_t, num_warps=cfg["num_warps"],
         )
         ln_input = (res if residual else x) if ln else None
         ctx.save_for_backward(ln_input, y, gate, scale, weight, bias)
@@ -112,24 +119,27 @@ class _AdaLN(torch.autograd.Function):
         ln_input, y, gate, scale, weight, bias = ctx.saved_tensors
         residual, ln, eps = ctx.config
         x_dtype, shift_dtype = ctx.dtypes
-        dres = grads[0].contiguous() if residual else None
-        dout = grads[-1].contiguous() if ln else None
+        dres = grads[0] if residual else None  # read through their strides, like the inputs
+        dout = grads[-1] if ln else None
         B, T, D = (dres if residual else dout).shape
         device = (dres if residual else dout).device
 
-        block_d, rows, rows_per_program, chunks = _row_chunks(B, T, D, tu.target_programs(device))
+        block_a, block_t = tu.split_row(D)
+        cfg = tu.launch_config(f"{_op_name(residual, ln)}/bwd", D, x_dtype, block_a)
+        rows_per_program, chunks = _row_chunks(B, T, cfg["programs_per_sm"] * tu.sm_count(device))
         part = torch.empty(3, B, chunks, D, dtype=torch.float32, device=device)
         dx = torch.empty(B, T, D, dtype=x_dtype, device=device) if ln else dres
         dy = torch.empty(B, T, D, dtype=y.dtype, device=device) if residual else None
         placeholder = part
         _adaln_bwd_kernel[(B, chunks)](
-            ln_input, dout if ln else placeholder, y if residual else placeholder,
+            ln_input if ln else placeholder, dout if ln else placeholder, y if residual else placeholder,
             gate if residual else placeholder, dres if residual else placeholder,
             scale if ln else placeholder, weight if weight is not None else placeholder,
             dx if ln else placeholder, dy if residual else placeholder, part,
-            B, T, D, rows_per_program, gate.stride(0) if residual else 0, scale.stride(0) if ln else 0, eps,
-            RESIDUAL=residual, LN=ln, HAS_W=weight is not None, ROWS=rows, BLOCK_D=block_d,
-            num_warps=tu.num_warps_for(block_d),
+            B, T, D, rows_per_program, *_strides3(ln_input), *_strides3(dout), *_strides3(y), *_strides3(dres),
+            gate.stride(0) if residual else 0, scale.stride(0) if ln else 0, eps,
+            RESIDUAL=residual, LN=ln, HAS_W=weight is not None, BLOCK_A=block_a, BLOCK_T=block_t,
+            num_warps=cfg["num_warps"],
         )
 
         dgate = torch.empty(B, D, dtype=gate.dtype, device=device) if residual else None

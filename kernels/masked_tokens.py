@@ -83,7 +83,7 @@ def _move_rows(out, src, ids, *, rows, prefix, n_valid, scatter=False, pos=None,
         out, src, ids, pos if pos is not None else src, fill if fill is not None else src,
         row_part if row_sum else out, masked_part if masked_sum else out,
         B, rows, D, prefix, n_valid, batches_per_program,
-        out.stride(0), out.stride(1), src.stride(0), src.stride(1), ids.stride(0),
+        out.stride(0), out.stride(1), *src.stride(), ids.stride(0),
         SCATTER=scatter, HAS_POS=pos is not None, POS_BY_SOURCE=pos_by_source, HAS_FILL=fill is not None,
         ROW_SUM=row_sum, MASKED_SUM=masked_sum, ROWS=tile_rows, BLOCK_D=block_d,
         num_warps=tu.num_warps_for(tile_rows * block_d),
@@ -103,7 +103,6 @@ class _KeepGather(torch.autograd.Function):
         _check_index("keep_gather ids_keep", ids_keep, B, L)
         _check_pos("keep_gather", pos, L, D)
         tu.check_same_device("keep_gather", x, ids_keep, pos)
-        x = tu.unit_stride_rows(x)
         ids_keep = ids_keep.contiguous()
         pos = pos.contiguous() if pos is not None else None
         K = ids_keep.shape[1]
@@ -123,7 +122,6 @@ class _KeepGather(torch.autograd.Function):
             return None, None, None
         B, L, D = ctx.x_shape
         K = ids_keep.shape[1]
-        dout = tu.unit_stride_rows(dout)
         # inverse map: which kept slot each patch went to, K (= not kept) elsewhere; [B, L], no D expansion
         slot = torch.full((B, L), K, dtype=torch.int64, device=dout.device)
         slot.scatter_(1, ids_keep.long(), torch.arange(K, device=dout.device).expand(B, K))
@@ -146,7 +144,6 @@ class _Unshuffle(torch.autograd.Function):
         K = PK - num_prefix
         if not 0 <= K <= L:
             raise ValueError(f"unshuffle: {PK} tokens with {num_prefix} prefix give {K} visible of {L}")
-        y = tu.unit_stride_rows(y)
         ids_restore = ids_restore.contiguous()
         pos = pos.contiguous() if pos is not None else None
         out = torch.empty(B, num_prefix + L, D, dtype=y.dtype, device=y.device)
@@ -166,7 +163,6 @@ class _Unshuffle(torch.autograd.Function):
         PK, y_dtype, mask_shape, mask_dtype, pos_dtype = ctx.meta
         P = ctx.num_prefix
         B, PL, D = dout.shape
-        dout = tu.unit_stride_rows(dout)
         # every visible slot receives exactly one row, so d(y) needs no initialisation
         dy = torch.empty(B, PK, D, dtype=y_dtype, device=dout.device)
         row_part, masked_part = _move_rows(dy, dout, ids_restore, rows=PL, prefix=P, n_valid=PK - P, scatter=True,

@@ -34,18 +34,31 @@ def patch_norm_mse_reference(pred, target, mask, patch_size, norm_pix=True, eps=
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Triton path: each program takes a block of patches, reads their target values straight out of the [B, C, H, W]
-# latents through its strides (no patchified copy), normalises them in registers and writes one partial loss sum
-# and one partial mask count; the partials are summed in a fixed order. The backward recomputes the normalised
-# target (cheaper than storing it) and writes d(pred) only.
+# Triton path: one launch forward, one backward. Each program takes a block of patches, reads their target values
+# straight out of the [B, C, H, W] latents through its strides (no patchified copy), normalises them in registers
+# and writes one partial loss sum and one partial mask count; the last program to finish (an atomic counter)
+# sums the partials in program order and writes the loss and the masked count. The backward recomputes the
+# normalised target (cheaper than storing it), reads d(loss) and the count from device memory (no host sync,
+# no extra launch) and writes d(pred). Masks are read as given (bool, integer or float): no conversion copy.
 # The @triton.jit kernel is in _patch_norm_mse_jit.py, imported at the first launch: this module needs no triton.
 # ---------------------------------------------------------------------------------------------------------------
 
 # Patches per program: ~1K elements keeps many programs in flight for the small decoder head.
 _PATCH_TILE_ELEMENTS = 1024
+# Partials the last program reads per loop step.
+_REDUCE_BLOCK = 1024
+# One zeroed int32 counter per device, reset to 0 by the last program of each launch. Launches on one stream run
+# in order, so they never share it concurrently (the engine issues them on the default stream).
+_COUNTERS = {}
 
 
-def _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, coef=None, dpred=None):
+def _counter(device):
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
+
+
+def _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, loss, count, dloss=None, dpred=None):
     from ._patch_norm_mse_jit import _patch_norm_mse_kernel  # the first launch imports triton
 
     B, L, N = pred.shape
@@ -54,19 +67,16 @@ def _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, coef=N
     rows = min(max(1, _PATCH_TILE_ELEMENTS // block_n), tu.next_pow2(B * L))
     programs = tu.cdiv(B * L, rows)
     backward = dpred is not None
-    if backward:
-        loss_part = mask_part = coef
-    else:
-        loss_part = torch.empty(programs, dtype=torch.float32, device=pred.device)
-        mask_part = torch.empty(programs, dtype=torch.float32, device=pred.device)
+    part = count if backward else torch.empty(2 * programs, dtype=torch.float32, device=pred.device)
+    cfg = tu.launch_config(f"patch_norm_mse/{'bwd' if backward else 'fwd'}", N, pred.dtype, rows * block_n)
     _patch_norm_mse_kernel[(programs,)](
-        pred, target, mask, coef if backward else pred, loss_part, mask_part, dpred if backward else pred,
+        pred, target, mask, dloss if backward else loss, loss, count, part, _counter(pred.device),
+        dpred if backward else pred,
         B * L, L, W // patch_size, N, C,
         pred.stride(0), pred.stride(1), *target.stride(), eps,
         P=patch_size, NORM_PIX=norm_pix, BACKWARD=backward, ROWS=rows, BLOCK_N=block_n,
-        num_warps=tu.num_warps_for(rows * block_n),
+        BLOCK_P=min(_REDUCE_BLOCK, tu.next_pow2(programs)), num_warps=cfg["num_warps"],
     )
-    return loss_part, mask_part
 
 
 class _PatchNormMSE(torch.autograd.Function):
@@ -83,22 +93,23 @@ class _PatchNormMSE(torch.autograd.Function):
             raise ValueError(f"patch_norm_mse: mask must be [{B}, {L}], got {tuple(mask.shape)}")
         tu.check_same_device("patch_norm_mse", pred, target, mask)
         pred = tu.unit_stride_rows(pred)
-        mask = mask.contiguous() if mask.is_floating_point() else mask.float().contiguous()
-        loss_part, mask_part = _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps)
-        masked = mask_part.sum()
-        ctx.save_for_backward(pred, target, mask, masked)
+        mask = mask if mask.is_contiguous() else mask.contiguous()  # [B, L]: tiny
+        loss = torch.empty((), dtype=torch.float32, device=pred.device)
+        count = torch.empty((), dtype=torch.float32, device=pred.device)  # masked patches
+        _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, loss, count)
+        ctx.save_for_backward(pred, target, mask, count)
         ctx.config = (patch_size, norm_pix, eps)
-        return loss_part.sum() / masked
+        return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        pred, target, mask, masked = ctx.saved_tensors
+        pred, target, mask, count = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 6
         patch_size, norm_pix, eps = ctx.config
-        coef = (dloss.float() * 2 / (pred.shape[2] * masked)).reshape(1)
         dpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
-        _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, coef=coef, dpred=dpred)
+        _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, loss=dloss, count=count, dloss=dloss,
+                               dpred=dpred)
         return dpred, None, None, None, None, None
 
 

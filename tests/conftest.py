@@ -24,6 +24,10 @@ TINY_VAE = dict(
 RESOLUTION = 64  # -> 8x8 latents, 4x4 patches of 2x2
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with USP_FAST_TEST_GPU=1 pytest -m gpu)")
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors gain nothing from intra-op threads, and OpenMP spinning makes them many times slower when other

@@ -1,5 +1,6 @@
 """`usp-fast demo` (make demo): the whole chain with the weight-free pixels autoencoder, pictures that show the
 photos, a summary naming every file, and a second run that reuses everything."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,14 @@ def test_demo_runs_the_whole_chain_and_reuses_it(tmp_path, monkeypatch, capsys, 
         assert result[what] in out
     assert np.isfinite(result["fid"]) and "FID of 8 samples" in out
     restoration = np.asarray(Image.open(result["restoration pictures"]).convert("RGB"))
-    assert 6 * 128 <= restoration.shape[0] < 7 * 128 and restoration.std() > 20  # six rows of 128 px, real content
+    assert 6 * 64 <= restoration.shape[0] < 7 * 64 and restoration.std() > 20  # six rows of 64 px, real content
+    row = restoration.shape[0] // 6
+    first, last = restoration[:64, :64].astype(float), restoration[5 * row:5 * row + 64, :64].astype(float)
+    assert np.abs(first - last).mean() > 10  # rows spread over the photo classes, not six crops of the first
     grid = np.asarray(Image.open(result["sample grid"]).convert("RGB"))
-    assert grid.shape[0] == 4 * 128 and grid.std() > 5  # classes [0, 1, 2, 3]: one row each, 2 per row
+    assert grid.shape[0] == 4 * 64 and grid.std() > 5  # classes [0, 1, 2, 3]: one row each, 2 per row
+    assert 0 < grid.mean() < 255 and json.loads((Path(result["sample grid"]).parent / "samples.json").read_text())[
+        "clip_denoised"]  # pixels is bounded: sample.clip_denoised=auto clamps x0 to its range
     for curve in ("pretrain loss curve", "generate loss curve"):
         assert np.asarray(Image.open(result[curve]).convert("RGB")).std() > 5
 

@@ -145,3 +145,33 @@ def test_bf16_accumulates_gradients_in_fp32_or_is_refused(tmp_path, built_cache,
     assert "data_types" not in config(0, micro=8)  # no accumulation: nothing to accumulate
     cfg = _cfg(tmp_path, built_cache, tiny_vae_dir, "train.zero_stage=1")
     assert "data_types" not in deepspeed_config(cfg, 1, torch.float32)
+
+
+def test_optim_impl_apex_is_optional_and_refused_clearly(monkeypatch):
+    """optim.impl=apex uses apex's FusedAdam in AdamW mode when apex is importable, and otherwise fails with a
+    one-line error naming the key (apex is not on PyPI); auto and torch give torch's AdamW."""
+    import sys
+    import types
+
+    from usp_fast.config import ConfigError
+    from usp_fast.stages.base import apex_adamw
+
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(3))], "weight_decay": 0.05}]
+    monkeypatch.setitem(sys.modules, "apex", None)  # not installed
+    with pytest.raises(ConfigError, match="optim.impl=apex: NVIDIA apex is not installed"):
+        apex_adamw(groups, 1e-3, (0.9, 0.95), on_cuda=True)
+
+    made = {}
+
+    class FusedAdam:  # the constructor apex documents: FusedAdam(params, lr, betas, adam_w_mode, ...)
+        def __init__(self, params, lr, betas, adam_w_mode):
+            made.update(params=params, lr=lr, betas=betas, adam_w_mode=adam_w_mode)
+
+    apex = types.ModuleType("apex")
+    apex.optimizers = types.SimpleNamespace(FusedAdam=FusedAdam)
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", apex.optimizers)
+    assert isinstance(apex_adamw(groups, 1e-3, (0.9, 0.95), on_cuda=True), FusedAdam)
+    assert made == {"params": groups, "lr": 1e-3, "betas": (0.9, 0.95), "adam_w_mode": True}
+    with pytest.raises(ConfigError, match="runs on CUDA only"):
+        apex_adamw(groups, 1e-3, (0.9, 0.95), on_cuda=False)

@@ -109,3 +109,15 @@ def test_pixels_is_an_exact_weight_free_space_to_depth(caplog):
     assert torch.equal(mean[0, :, 1, 2].view(3, 8, 8), x[0, :, 8:16, 16:24])  # block (1, 2), channel-major
     back = torch.from_numpy(to_uint8(vae.decode(mean))).permute(0, 3, 1, 2)
     assert torch.equal(back.long(), u)  # exactly invertible, to the pixel value
+
+
+def test_pixels_factor_sets_channels_and_resolution():
+    vae = load_vae("pixels:4", scale=1.0)
+    assert vae.latent_channels == 48 and vae.downsample == 4 and vae.identity["config"] == "space-to-depth 4"
+    x = torch.rand(1, 3, 16, 8) * 2 - 1
+    mean, _ = vae.encode(x)
+    assert mean.shape == (1, 48, 4, 2)
+    assert torch.equal(mean[0, :, 2, 1].view(3, 4, 4), x[0, :, 8:12, 4:8])
+    torch.testing.assert_close(vae.decode(mean), x, rtol=0, atol=1e-6)
+    with pytest.raises(VAEError, match="factor must be 1-16"):
+        load_vae("pixels:32", scale=1.0)

@@ -66,7 +66,7 @@ class DataConfig(Section):
 
 class VAEConfig(Section):
     name: str = key("stabilityai/sd-vae-ft-ema", "diffusers AutoencoderKL folder, TAESD weights folder, hub id "
-                                                 "already in the local cache, pixels (weight-free space-to-depth, demos) or "
+                                                 "already in the local cache, pixels or pixels:F (weight-free FxF space-to-depth, F=8 by default; demos) or "
                                                  "random-sd (architecture tests)")
     scale: float = key(0.18215, "latent scaling factor (SD-VAE 0.18215; TAESD family 1)")
     encode_batch: int = key(16, "images per VAE forward while caching or encoding online")
@@ -134,6 +134,9 @@ class OptimConfig(Section):
     schedule: Literal["cosine", "constant"] = key("cosine", "after warm-up: half-cosine per step to min_lr, or "
                                                             "constant")
     grad_clip: float = key(0.0, "global gradient-norm clip; 0 disables it")
+    impl: Literal["auto", "torch", "apex"] = key(
+        "auto", "AdamW implementation: torch (fused on CUDA), apex (NVIDIA apex FusedAdam, if installed: it is not "
+                "on PyPI); auto: torch until a committed GPU measurement shows apex faster")
 
 
 class TrainConfig(Section):
@@ -141,7 +144,10 @@ class TrainConfig(Section):
     max_steps: Optional[int] = key(None, "cap on optimizer steps (demos, smoke runs, step-budgeted recipes)")
     global_batch: int = key(4096, "images per optimizer step over all ranks (accumulation fills the gap)")
     micro_batch: int = key(256, "images per rank per forward")
-    precision: Literal["auto", "bf16", "fp32"] = key("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    precision: Literal["auto", "bf16", "fp32"] = key(
+        "auto", "auto (bf16 on GPU, fp32 on CPU); bf16: bf16 compute, fp32 master weights, EMA and exports, fp32 "
+                "gradient accumulation (ZeRO >= 1); fp32: fp32 weights with TF32 matmuls on GPU (the official "
+                "DiT/SiT recipe)")
     zero_stage: Literal[0, 1, 2, 3] = key(1, "DeepSpeed ZeRO stage")
     log_every: int = key(50, "steps between metric logs (the only host syncs of the loop)")
     ckpt_every: int = key(1000, "steps between checkpoints")
@@ -240,6 +246,9 @@ class SampleSection(Section):
                                                      "(autocast, GPU)")
     ddim_eta: float = key(0.0, "DDIM noise (0: deterministic)")
     sde_last_step: float = key(0.04, "SiT SDE: size of the final mean-only step")
+    clip_denoised: Literal["auto", "on", "off"] = key(
+        "auto", "DiT samplers: clamp each step's predicted x0 to the autoencoder's value range (ADM's pixel-space "
+                "clip_denoised); auto: on for vae.name=pixels (bounded), off for learned VAEs (unbounded, as DiT)")
 
 
 class GenerateConfig(Config):

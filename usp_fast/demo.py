@@ -2,7 +2,7 @@
 summary with the path of every picture and file.
 
 demo photos -> latent cache -> USP pretraining -> restoration pictures -> DiT training from the USP encoder ->
-a sample grid with fixed classes -> FID against the demo photos. The autoencoder is `vae.name: pixels`
+a sample grid with fixed classes -> FID against the demo photos. The autoencoder is `vae.name: pixels:4`
 (weight-free, exactly invertible; NOT a learned VAE), so the pictures show real image content without any
 downloaded weights. Every step reuses what an earlier run left: a second `make demo` only prints the summary.
 Configs: configs/pretrain/demo.yaml and configs/generate/demo.yaml, run from the repo root.
@@ -97,11 +97,13 @@ def run_demo(overrides=()):
     }
     print(f"\nusp-fast demo: the whole chain in {time.time() - start:.0f} s "
           f"({', '.join(f'{k} {v}' for k, v in timings.items())})")
-    print("  autoencoder: pixels (weight-free space-to-depth, NOT a learned VAE: pictures show real content)")
+    print(f"  autoencoder: {pre.vae.name} (weight-free space-to-depth, NOT a learned VAE: pictures show real content)")
     for what, path in files.items():
         print(f"  {what + ':':<24} {path}")
     print(f"  FID of {gen.sample.num_images} samples against the {pre.data.demo_images} demo photos: {fid:.1f} "
           "(tiny sample count: a smoke number, not a benchmark)")
+    print("  the restorations show the photos; the samples do not yet (a few CPU minutes of pixel-space DiT "
+          "training: see the README)")
     return {k: str(v) for k, v in files.items()} | {"fid": fid, "timings": timings}
 
 

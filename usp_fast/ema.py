@@ -23,9 +23,11 @@ class EMA:
         return min(self.decay, 1.0 - (1.0 + step) ** -self.WARMUP_POWER)
 
     @torch.no_grad()
-    def update(self, model, step=None):
+    def update(self, model, step=None, params=None):
+        """One update from `model`'s parameters, or from `params` (same order, e.g. the optimizer's fp32
+        masters when the module holds bf16 weights: usp_fast.engine.master_params)."""
         decay = self.decay if step is None else self.decay_at(step)
-        params = [p.detach() for _, p in model.named_parameters()]
+        params = [p.detach() for _, p in model.named_parameters()] if params is None else list(params)
         if self.shadow[0].device != params[0].device:  # first update after the engine moved the model
             self.shadow = [s.to(params[0].device) for s in self.shadow]
         if params[0].dtype == torch.float32:

@@ -1,5 +1,6 @@
 """The training loop every stage shares: DeepSpeed engine, deterministic data stream, lr schedule, logging,
 checkpoints and exact resume. A stage plugs in through `usp_fast.stages.base.Task`."""
+import contextlib
 import json
 import logging
 import math
@@ -58,6 +59,40 @@ def deepspeed_config(cfg, world_size, dtype):
     return config
 
 
+def master_params(module):
+    """The fp32 master copy of each parameter of a DeepSpeed-wrapped module, in named_parameters() order: with
+    bf16 training the module holds bf16-rounded weights and the optimizer the fp32 masters (ZeRO 0-2, ZeRO-3),
+    read through DeepSpeed's public `safe_get_full_fp32_param`; fp32 training's parameters are their own masters.
+    With several ranks this is a collective (each rank holds part of the masters): call it on every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = []
+    for p in module.parameters():
+        master = safe_get_full_fp32_param(p) if p.dtype != torch.float32 else None
+        out.append(p.detach() if master is None else master)
+    return out
+
+
+@contextlib.contextmanager
+def fp32_master_weights(module):
+    """Inside, every parameter of `module` holds its fp32 master value (see master_params), so that exports
+    written from module.state_dict() carry the trained fp32 weights, not their bf16 rounding. Collective with
+    several ranks: enter it on every rank. The module's own tensors are restored on exit."""
+    params = list(module.parameters())
+    if all(p.dtype == torch.float32 for p in params):
+        yield module
+        return
+    masters = master_params(module)
+    saved = [p.data for p in params]
+    try:
+        for p, m in zip(params, masters):
+            p.data = m
+        yield module
+    finally:
+        for p, d in zip(params, saved):
+            p.data = d
+
+
 class Trainer:
     def __init__(self, cfg, task, resume=None):
         import deepspeed
@@ -67,6 +102,9 @@ class Trainer:
         self.run_dir = run_dir(cfg.run)
         self.ckpt_root = checkpoint_root(self.run_dir)
         self.dtype = compute_dtype(cfg, self.device)
+        if self.device.type == "cuda" and self.dtype == torch.float32:  # fp32 recipe: TF32 matmuls, as DiT/SiT
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(cfg.run.seed)  # model init; all later randomness comes from per-step generators
 
         self.data = self._data_source(cfg)  # a LatentCache, or an OnlineSource holding the frozen VAE
@@ -80,9 +118,7 @@ class Trainer:
         o = cfg.optim
         self.base_lr = o.lr if o.lr is not None else o.blr * t.global_batch / 256
 
-        from .vae import LatentNorm
-
-        self.latent_norm = LatentNorm.from_manifest(cfg.vae.normalize, self.manifest)
+        self.latent_norm = task.latent_norm(self.manifest)
         self.manifest = {**self.manifest, "latent_norm": self.latent_norm.as_dict()}  # what the stage exports
         model = task.build_model(self.manifest).to(self.device)
         optimizer = task.build_optimizer(task.param_groups(model), self.base_lr)
@@ -299,6 +335,8 @@ class Trainer:
         module = self.engine.module
         epoch = self.total_steps / self.steps_per_epoch
         with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.train.zero_stage == 3):
-            result = self.task.finish(module, self.run_dir, self.manifest, self.total_steps, epoch) if dist.is_main() else {}
+            with fp32_master_weights(module):  # exports carry the fp32 masters, not the bf16 module weights
+                result = self.task.finish(module, self.run_dir, self.manifest, self.total_steps, epoch) \
+                    if dist.is_main() else {}
         dist.barrier()
         return result

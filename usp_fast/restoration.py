@@ -138,7 +138,8 @@ def load_images(paths, resolution):
 
 
 def restore_folder(rdir, images, num=8, mask_ratio=0.75, seed=0, out=None, checkpoint=None, device="auto"):
-    """Restoration rows for the first `num` images of a file or folder -> the PNG path."""
+    """Restoration rows for `num` images of a file or folder, spread evenly over its sorted files (so a folder of
+    class subfolders shows several classes, not `num` pictures of the first) -> the PNG path."""
     from usp_fast.data.images import IMAGE_EXTENSIONS
     from usp_fast.errors import UserError
 
@@ -148,7 +149,8 @@ def restore_folder(rdir, images, num=8, mask_ratio=0.75, seed=0, out=None, check
     if not paths:
         raise UserError(f"images {src}: no images found")
     model, cfg, vae = load_pretrain_model(rdir, checkpoint, device)
-    batch = load_images(paths[:num], cfg.data.resolution).to(device)
+    picked = [paths[i * len(paths) // num] for i in range(num)] if len(paths) > num else paths
+    batch = load_images(picked, cfg.data.resolution).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     from usp_fast.vae import LatentNorm
 

@@ -65,8 +65,9 @@ def fixed_class(scfg, i):
 
 
 @torch.no_grad()
-def sample_latents(model, objective, scfg, method, k, size, device):
-    """Global batch k of `size` images -> (latents [size, C, h, w] fp32, labels [size])."""
+def sample_latents(model, objective, scfg, method, k, size, device, x0_range=None):
+    """Global batch k of `size` images -> (latents [size, C, h, w] fp32, labels [size]). x0_range: see
+    `denoised_range` (DiT samplers only)."""
     cfg = model.cfg
     gen = batch_generator(scfg.seed, k, device)
     noise = torch.randn((size, cfg.in_channels, cfg.input_size, cfg.input_size), device=device, generator=gen)
@@ -88,9 +89,34 @@ def sample_latents(model, objective, scfg, method, k, size, device):
         labels = torch.randint(0, cfg.num_classes, (size,), device=device, generator=gen)
     model_fn = guided_model(model, labels, scfg.cfg_scale, cfg.null_class, scfg.cfg_channels)
     extra = {"eta": scfg.ddim_eta} if method == "ddim" else {"last_step_size": scfg.sde_last_step} if method == "sde" else {}
+    if x0_range is not None:
+        extra["x0_range"] = tuple(r.to(device) for r in x0_range)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=scfg.precision == "bf16" and device.type == "cuda")
     with autocast:
         return run_sampler(objective, model_fn, noise, method, scfg.steps, gen, **extra), labels
+
+
+def denoised_range(scfg, objective, vae, latent_norm):
+    """sample.clip_denoised -> the (low, high) per-channel bounds [1, C, 1, 1] of the model's latents that a DiT
+    sampler clamps its predicted x0 to, or None. A bounded autoencoder (vae.name=pixels: values in [-1, 1]) is
+    clipped under auto, as ADM does in pixel space: an under-trained model's x0 estimate at high noise is its
+    epsilon error times 1/sqrt(alpha_bar) (~150 at t=999), and unclamped it runs the chain off the data range.
+    Learned VAE latents have no such bound (DiT samples them unclipped)."""
+    from usp_fast.diffusion import GaussianDiffusion
+
+    mode, bounds = scfg.clip_denoised, vae.value_range
+    if mode == "off" or (mode == "auto" and bounds is None):
+        return None
+    if bounds is None:
+        raise UserError(f"sample.clip_denoised=on: vae {vae.identity['name']!r} has no known value range "
+                        "(only vae.name=pixels has one); use auto or off")
+    if not isinstance(objective, GaussianDiffusion):
+        if mode == "on":
+            raise UserError("sample.clip_denoised=on applies to DiT samplers (ddpm, ddim) only")
+        return None
+    C = vae.latent_channels
+    lo, hi = (latent_norm.normalize(torch.full((1, C, 1, 1), float(v))) for v in bounds)
+    return torch.minimum(lo, hi), torch.maximum(lo, hi)
 
 
 def npy_to_npz(npy_path, npz_path):
@@ -118,6 +144,7 @@ class Sampler:
         self.objective = create_objective(self.meta["objective"], self.model.cfg.learn_sigma)
         self.vae = load_vae(cfg.vae.name, cfg.vae.scale, device=self.device)
         self.latent_norm = LatentNorm.from_dict(self.meta.get("latent_norm"))  # undone before decoding
+        self.x0_range = denoised_range(self.scfg, self.objective, self.vae, self.latent_norm)
         want = (self.meta.get("vae") or {}).get("fingerprint")
         if want and self.vae.identity["fingerprint"] != want:
             raise ValueError(f"vae {cfg.vae.name!r} (fingerprint {self.vae.identity['fingerprint']}) is not the VAE "
@@ -151,7 +178,8 @@ class Sampler:
         for k in tqdm(range(rank, self.num_batches, world), desc="sample", unit="batch", disable=rank != 0,
                       dynamic_ncols=True):
             size = min(b, n - k * b)
-            latents, _ = sample_latents(self.model, self.objective, self.scfg, self.method, k, size, self.device)
+            latents, _ = sample_latents(self.model, self.objective, self.scfg, self.method, k, size, self.device,
+                                        self.x0_range)
             images[k * b:k * b + size] = to_uint8(self.vae.decode(self.latent_norm.denormalize(latents)))
         images.flush()
 
@@ -174,7 +202,7 @@ class Sampler:
                 "method": self.method, "steps": s.steps, "cfg_scale": s.cfg_scale, "cfg_channels": s.cfg_channels,
                 "ema": s.ema, "seed": s.seed, "classes": s.classes or None, "num_images": s.num_images,
                 "batch": s.batch, "image_size": self.side,
-                "precision": s.precision, "world_size": world}
+                "precision": s.precision, "world_size": world, "clip_denoised": self.x0_range is not None}
         atomic_write_text(self.out / "samples.json", json.dumps(info, indent=1))
         log.info("wrote %s and %s", npz, self.out / "grid.png")
         return {"npz": str(npz), "grid": str(self.out / "grid.png")}

@@ -8,14 +8,17 @@
   - a hub id, loaded only from the local cache (no downloads at run time): a missing one raises an error that
     says how to pass a local path,
   - 'random-sd': the SD-VAE architecture with random weights, for smoke runs (logged loudly as untrained),
-  - 'pixels': NOT a learned VAE: space-to-depth of the image into 8x8 blocks (3 x 8 x 8 = 192 channels at 1/8
-    resolution) and depth-to-space back, exactly invertible and weight-free. Demos and tests use it so that
-    restorations and samples show real image content without downloaded weights.
+  - 'pixels' / 'pixels:F': NOT a learned VAE: space-to-depth of the image into FxF blocks (F=8 by default:
+    3 x 8 x 8 = 192 channels at 1/8 resolution) and depth-to-space back, exactly invertible and weight-free.
+    Demos and tests use it so that restorations and samples show real image content without downloaded weights.
+    A generator can only denoise what its patch embedding keeps: keep patch^2 * 3F^2 <= the model width
+    (the demo: pixels:4, patch 2 -> 192 = DiT-Tiny's width).
 Latents are returned scaled: scale * z, so the posterior std is scale * std as well.
 """
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,8 @@ class LatentVAE(torch.nn.Module):
         self.scale = float(scale)
         self.identity = identity
         self.tiny = isinstance(module, (TinyAutoencoder, PixelSpace))  # deterministic, images in [0, 1]
+        # (low, high) of the scaled latents when the autoencoder bounds them (pixels: [-1, 1]), else None
+        self.value_range = (-self.scale, self.scale) if isinstance(module, PixelSpace) else None
         if self.tiny:
             self.latent_channels, self.downsample = module.latent_channels, module.downsample
         else:
@@ -143,15 +148,28 @@ class TinyAutoencoder(torch.nn.Module):
 
 
 class PixelSpace(torch.nn.Module):
-    """vae.name=pixels: images in [0, 1] <-> [-1, 1] pixel values rearranged into 8 x 8 blocks (192 channels at 1/8
-    resolution). Not a learned VAE: no compression, no semantics, exactly invertible, no weights."""
-    downsample = 8
-    latent_channels = 3 * 8 * 8
+    """vae.name=pixels[:F]: images in [0, 1] <-> [-1, 1] pixel values rearranged into F x F blocks (3F^2 channels
+    at 1/F resolution). Not a learned VAE: no compression, no semantics, exactly invertible, no weights."""
 
-    def __init__(self):
+    def __init__(self, downsample=8):
         super().__init__()
+        self.downsample = downsample
+        self.latent_channels = 3 * downsample * downsample
         self.encoder = _Lambda(lambda x: torch.nn.functional.pixel_unshuffle(x * 2 - 1, self.downsample))
         self.decoder = _Lambda(lambda z: (torch.nn.functional.pixel_shuffle(z, self.downsample) + 1) / 2)
+
+
+def _pixels_factor(name):
+    """'pixels' -> 8, 'pixels:F' -> F (1-16), anything else -> None."""
+    if name == "pixels":
+        return 8
+    m = re.fullmatch(r"pixels:(\d+)", str(name))
+    if m is None:
+        return None
+    f = int(m.group(1))
+    if not 1 <= f <= 16:
+        raise VAEError(f"vae.name {name!r}: the space-to-depth factor must be 1-16")
+    return f
 
 
 class _Lambda(torch.nn.Module):
@@ -190,10 +208,11 @@ def load_vae(name, scale=0.18215, device="cpu", dtype=torch.float32, seed=0):
             torch.manual_seed(seed)
             module = AutoencoderKL(**SD_VAE_CONFIG)
         kind = "random-sd"
-    elif name == "pixels":
-        log.warning("vae: pixels -- NOT a learned VAE: space-to-depth 8x8 blocks (192 channels), exactly "
-                    "invertible. For demos and tests; use a real VAE for results.")
-        module = PixelSpace()
+    elif (factor := _pixels_factor(name)) is not None:
+        log.warning(f"vae: {name} -- NOT a learned VAE: space-to-depth {factor}x{factor} blocks "
+                    f"({3 * factor * factor} channels), exactly invertible. For demos and tests; use a real VAE "
+                    "for results.")
+        module = PixelSpace(factor)
         kind = "pixels"
     elif Path(name).is_dir() and _taesd_files(name):
         enc, dec = _taesd_files(name)
@@ -223,7 +242,7 @@ def load_vae(name, scale=0.18215, device="cpu", dtype=torch.float32, seed=0):
     vae = LatentVAE(module, scale, {})
     vae.identity = {"name": str(name), "kind": kind, "scale": float(scale), "fingerprint": _fingerprint(module),
                     "latent_channels": vae.latent_channels, "downsample": vae.downsample,
-                    "config": "space-to-depth 8" if kind == "pixels" else [64] * 4 if vae.tiny else
+                    "config": f"space-to-depth {vae.downsample}" if kind == "pixels" else [64] * 4 if vae.tiny else
                     json.loads(json.dumps(dict(module.config), default=str))["block_out_channels"]}
     return vae
 

@@ -34,3 +34,9 @@ def test_every_production_kernel_compiles_for_sm90a_without_spills(tmp_path):
         assert 0 < v["registers"] <= 255 and v["spill_stores"] == 0 and v["spill_loads"] == 0, v
         ptrs = [t for t in v["signature"].values() if t.startswith("*")]
         assert ptrs, v  # pointer arguments were typed from the captured tensors
+        assert v["shared_bytes"] <= 227 * 1024 and v["programs_per_sm"] >= 1, v
+        if v["kernel"] in ("_adaln_fwd_kernel", "_adaln_bwd_kernel"):
+            # D=1152 as 1024 + 128 columns (no 2048-wide padding), few enough registers for >= 4 programs per SM
+            assert (v["constexprs"]["BLOCK_A"], v["constexprs"]["BLOCK_T"]) == (1024, 128), v
+            assert v["programs_per_sm"] >= 4, v
+    assert {"ln_modulate/plain/strided/bf16", "ln_modulate/affine/strided/fp32", "keep_gather/strided/bf16"} <= used

@@ -186,6 +186,27 @@ def test_ddpm_and_ddim_sample_the_gaussian(diffusion):
     assert errors[1] < 0.08 and errors[1] < errors[0] / 2.5
 
 
+def test_clipped_sampling_clamps_x0_and_keeps_samples_in_range(diffusion):
+    """x0_range clamps pred_x0 (ADM's clip_denoised); a model whose epsilon is off by a constant runs far out of
+    [-1, 1] unclamped and stays inside clamped (the last DDPM step returns the posterior mean of a clamped x0)."""
+    lo, hi = torch.tensor(-1.0).view(1, 1, 1, 1), torch.tensor(1.0).view(1, 1, 1, 1)
+    x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([900, 900])
+    eps = torch.full_like(x, 0.3)
+    free = diffusion.p_mean_variance(torch.cat([eps, torch.zeros_like(x)], 1), x, t)
+    clipped = diffusion.p_mean_variance(torch.cat([eps, torch.zeros_like(x)], 1), x, t, (lo, hi))
+    torch.testing.assert_close(clipped["pred_x0"], free["pred_x0"].clamp(-1, 1))
+    assert free["pred_x0"].abs().max() > 1.5
+    biased = lambda x, t: torch.cat([x * 0 + 0.3, torch.zeros_like(x)], 1)  # noqa: E731
+    spaced = diffusion.respace(10)
+    noise = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    unclamped = spaced.p_sample_loop(biased, noise, torch.Generator().manual_seed(3))
+    clamped = spaced.p_sample_loop(biased, noise, torch.Generator().manual_seed(3), (lo, hi))
+    assert unclamped.abs().max() > 5 and clamped.abs().max() <= 1 + 1e-5
+    ddim = diffusion.respace("ddim10").ddim_sample_loop(biased, noise, x0_range=(lo, hi))
+    assert ddim.abs().max() <= 1 + 1e-5
+
+
 def test_interpolant_and_velocity_closed_forms():
     path = LinearInterpolant()
     g = torch.Generator().manual_seed(9)

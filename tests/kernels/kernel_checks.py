@@ -100,23 +100,27 @@ def assert_close(actual, expected, dtype, what):
     err = (actual.double() - expected).abs().max().item()
     scale = max(expected.abs().max().item(), 1e-6)
     assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} in {dtype}"
+    return err / scale
 
 
 def check_against_reference(triton_fn, reference_fn, inputs, dtype, gen, names):
-    """Forward outputs and every input gradient of the Triton op (outputs poisoned) against fp64."""
+    """Forward outputs and every input gradient of the Triton op (outputs poisoned) against fp64.
+    -> {output i / d(name): max error relative to the reference's max magnitude}."""
     test_inputs = leaves(inputs, dtype)
     with poisoned_allocations():
         outs, grads, upstream = run_op(triton_fn, test_inputs, gen=gen)
     ref_inputs = leaves([t.to(dtype) if t is not None and t.is_floating_point() else t for t in inputs],
                         torch.float64)
     ref_outs, ref_grads, _ = run_op(reference_fn, ref_inputs, [u.to(dtype).double() for u in upstream])
+    errors = {}
     for i, (o, r) in enumerate(zip(outs, ref_outs)):
         scalar_loss = r.dim() == 0 and o.dtype == torch.float32  # losses are fp32 whatever the input dtype
         assert o.dtype == dtype or scalar_loss, f"output {i} dtype {o.dtype}"
-        assert_close(o, r, dtype, f"output {i}")
+        errors[f"output {i}"] = assert_close(o, r, dtype, f"output {i}")
     assert len(grads) == len(names) == len(ref_grads)
     for name, g, r in zip(names, grads, ref_grads):
-        assert_close(g, r, dtype, f"d({name})")
+        errors[f"d({name})"] = assert_close(g, r, dtype, f"d({name})")
+    return errors
 
 
 def assert_deterministic(fn, inputs, gen):

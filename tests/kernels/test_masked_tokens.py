@@ -53,6 +53,29 @@ def test_masked_ops_accept_int32_ids_and_strided_views(gen):
                        masked_tokens.unshuffle_reference(y, mask_token, ids_restore, num_prefix=1))
 
 
+def test_masked_ops_read_strided_activations_and_gradients_without_copies(gen, monkeypatch):
+    """The patch embedding's transposed output and a transposed upstream gradient are read in place: no
+    `.contiguous()` of a full activation, and the gradients equal the reference's."""
+    B, L, D, K = 2, 16, 72, 4
+    ids = random_permutations(B, L, gen)
+    leaf = randn(B, D, L, gen=gen).requires_grad_()
+    contiguous = torch.Tensor.contiguous
+
+    def no_activation_copies(t, *a, **k):
+        assert t.dim() != 3 or t.is_contiguous(), f"a {tuple(t.shape)} activation was copied"
+        return contiguous(t, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", no_activation_copies)
+    out = masked_tokens.keep_gather_triton(leaf.transpose(1, 2), ids[:, :K])
+    upstream = randn(B, D, K, gen=gen).transpose(1, 2)
+    out.backward(upstream)
+    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    ref_leaf = leaf.detach().clone().requires_grad_()
+    ref = masked_tokens.keep_gather_reference(ref_leaf.transpose(1, 2), ids[:, :K])
+    ref.backward(upstream)
+    assert torch.equal(out, ref) and torch.equal(leaf.grad, ref_leaf.grad)
+
+
 def test_masked_ops_backward_is_deterministic(gen):
     B, L, D, K = 3, 196, 200, 49
     ids = random_permutations(B, L, gen)

@@ -66,3 +66,27 @@ def test_reference_patchify_is_the_models():
     for p in (1, 2, 3):
         assert torch.equal(patch_norm_mse._patchify(x, p), patchify(x, p))
         assert torch.equal(unpatchify(patchify(x, p), p, 3), x)
+
+
+@needs_triton
+def test_patch_norm_mse_is_one_launch_each_way_and_repeatable(gen, monkeypatch):
+    """Forward: one kernel (its last program reduces the partials and resets the device counter); backward: one
+    kernel reading d(loss) and the masked count from device memory. Repeated calls give the same bits."""
+    from usp_fast_kernels._patch_norm_mse_jit import _patch_norm_mse_kernel
+
+    kind = type(_patch_norm_mse_kernel)  # JITFunction, or InterpretedFunction under TRITON_INTERPRET=1
+    launches = []
+    getitem = kind.__getitem__
+    monkeypatch.setattr(kind, "__getitem__", lambda self, grid: launches.append(self.fn.__name__) or getitem(self, grid))
+    B, C, side, p = 3, 4, 28, 2
+    target = randn(B, C, side, side, gen=gen)
+    mask = torch.rand(B, 196, generator=gen, device=DEVICE) < 0.75
+    pred = randn(B, 196, 16, gen=gen).requires_grad_()
+    loss = patch_norm_mse.patch_norm_mse_triton(pred, target, mask, p)
+    assert launches == ["_patch_norm_mse_kernel"]
+    (loss * 3).backward()
+    assert launches == ["_patch_norm_mse_kernel"] * 2
+    again = patch_norm_mse.patch_norm_mse_triton(pred.detach(), target, mask, p)
+    assert torch.equal(again, loss.detach()) and int(patch_norm_mse._counter(pred.device).item()) == 0
+    want = patch_norm_mse.patch_norm_mse_reference(pred.detach().double().requires_grad_(), target.double(), mask, p)
+    assert abs(loss.item() - want.item()) <= 1e-5 * want.item()

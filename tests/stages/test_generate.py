@@ -197,3 +197,19 @@ def test_ema_warmup_follows_timms_schedule_and_resumes_exactly():
         lin.weight.fill_(3.0)
     ema.update(lin, 0)  # decay 0: the shadow is the weights
     assert torch.equal(ema.shadow[0], lin.weight)
+
+
+def test_bf16_ema_and_exports_come_from_the_fp32_masters(tmp_path, built_cache):
+    """bf16 under ZeRO-1: the module holds bf16 weights, the optimizer fp32 masters. With ema.decay=0 the EMA is the
+    last master, so the exported EMA equals the exported weights bit for bit, and both carry fp32 values that
+    bf16 cannot represent (an export of the module's bf16 weights would round every one of them)."""
+    cfg = gen_cfg(tmp_path, built_cache, "train.precision=bf16", "train.zero_stage=1", "train.max_steps=3",
+                  "ema.decay=0.0", "model.name=SiT-Test/2")
+    result = Trainer(cfg, GenerateStage(cfg)).train()
+    raw, _ = load_generator(result["generator"], use_ema=False)
+    ema, _ = load_generator(result["generator"], use_ema=True)
+    weights = dict(raw.named_parameters())
+    for k, v in ema.named_parameters():
+        assert torch.equal(v, weights[k]), k
+    w = raw.blocks[0].attn.qkv.weight
+    assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())

@@ -48,7 +48,7 @@ def default_cache_dir_for(data, vae_name=None):
     if vae_name is None:
         raise CacheError("data.cache_dir is unset and no VAE name was given to derive it")
     src = Path(data.root or data.file_list)
-    tag = Path(str(vae_name)).name.replace("/", "_")
+    tag = Path(str(vae_name)).name.replace("/", "_").replace(":", "")  # pixels:4 -> pixels4 (portable names)
     return src.parent / f"latents_{data.resolution}_{tag}"
 
 

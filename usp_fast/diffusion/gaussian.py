@@ -150,9 +150,10 @@ class GaussianDiffusion:
     def predict_eps_from_x0(self, x_t, t, x0):
         return (self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._at("sqrt_recipm1_alphas_cumprod", t, x_t)
 
-    def p_mean_variance(self, model_output, x_t, t):
+    def p_mean_variance(self, model_output, x_t, t, x0_range=None):
         """Model output [B, C or 2C, ...] at step index t of this process -> p(x_{t-1} | x_t) as a dict
-        (mean, log_variance, pred_x0)."""
+        (mean, log_variance, pred_x0). x0_range: (low, high) tensors broadcastable to x_t that pred_x0 is clamped
+        to (ADM's clip_denoised for data with a known range), or None."""
         C = x_t.shape[1]
         eps = model_output[:, :C]
         if self.learn_sigma:
@@ -161,6 +162,8 @@ class GaussianDiffusion:
         else:
             log_var = self._at("fixed_large_log_variance", t, x_t).expand_as(x_t)
         pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
+        if x0_range is not None:
+            pred_x0 = torch.maximum(torch.minimum(pred_x0, x0_range[1]), x0_range[0])
         mean, _, _ = self.q_posterior(pred_x0, x_t, t)
         return {"mean": mean, "log_variance": log_var, "pred_x0": pred_x0, "eps": eps}
 
@@ -202,26 +205,26 @@ class GaussianDiffusion:
         return terms["loss"].mean(), metrics
 
     # ---- sampling ---------------------------------------------------------------------------------------------
-    def p_sample_loop(self, model_fn, noise, generator=None):
+    def p_sample_loop(self, model_fn, noise, generator=None, x0_range=None):
         """Ancestral sampling from x_T = noise. model_fn(x, t_original) -> output. Noise from `generator`."""
         x = noise.float()
         steps = self.table("timestep_map", x.device)
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            out = self.p_mean_variance(model_fn(x, steps[t]).float(), x, t)
+            out = self.p_mean_variance(model_fn(x, steps[t]).float(), x, t, x0_range)
             x = out["mean"]
             if i > 0:
                 z = torch.randn(x.shape, device=x.device, generator=generator)
                 x = x + torch.exp(0.5 * out["log_variance"]) * z
         return x
 
-    def ddim_sample_loop(self, model_fn, noise, generator=None, eta=0.0):
+    def ddim_sample_loop(self, model_fn, noise, generator=None, eta=0.0, x0_range=None):
         """DDIM (Song et al. 2021); eta=0 is deterministic, eta=1 matches DDPM's posterior variance."""
         x = noise.float()
         steps = self.table("timestep_map", x.device)
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            out = self.p_mean_variance(model_fn(x, steps[t]).float(), x, t)
+            out = self.p_mean_variance(model_fn(x, steps[t]).float(), x, t, x0_range)
             eps = self.predict_eps_from_x0(x, t, out["pred_x0"])
             abar, abar_prev = self._at("alphas_cumprod", t, x), self._at("alphas_cumprod_prev", t, x)
             sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
@@ -230,10 +233,10 @@ class GaussianDiffusion:
                 x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
         return x
 
-    def sample(self, model_fn, noise, method="ddpm", steps=250, generator=None, eta=0.0):
+    def sample(self, model_fn, noise, method="ddpm", steps=250, generator=None, eta=0.0, x0_range=None):
         """method 'ddpm' (respaced to `steps`) or 'ddim' (ADM's DDIM striding, `steps` steps)."""
         if method == "ddpm":
-            return self.respace(steps).p_sample_loop(model_fn, noise, generator)
+            return self.respace(steps).p_sample_loop(model_fn, noise, generator, x0_range)
         if method == "ddim":
-            return self.respace(f"ddim{steps}").ddim_sample_loop(model_fn, noise, generator, eta)
+            return self.respace(f"ddim{steps}").ddim_sample_loop(model_fn, noise, generator, eta, x0_range)
         raise ValueError(f"DiT sampler {method!r}: expected 'ddpm' or 'ddim'")

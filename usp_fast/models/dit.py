@@ -19,7 +19,7 @@ Variants (DiTConfig):
                compute the function they were trained as. (USP's reference code kept tanh-GELU; set
                generate.mlp_act=gelu_tanh to reproduce that.)
 LayerNorm + modulate and the gated residuals run through the `kernels` dispatch; attention through
-usp_fast.models.attention (flash-attn when installed, else SDPA).
+usp_fast.models.attention (FlashAttention-3 / -2 when installed, else SDPA).
 """
 import math
 from dataclasses import asdict, dataclass

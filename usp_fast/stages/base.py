@@ -39,6 +39,12 @@ class Stage:
         """-> nn.Module. `manifest` is the latent cache's manifest dict (latent_channels, latent_size, num_classes...)."""
         raise NotImplementedError
 
+    def latent_norm(self, manifest):
+        """-> the LatentNorm this run trains in (vae.normalize with the cache manifest's statistics)."""
+        from ..vae import LatentNorm
+
+        return LatentNorm.from_manifest(self.cfg.vae.normalize, manifest)
+
     def param_groups(self, model):
         """-> optimizer param groups (dicts with 'params' and 'weight_decay', optionally 'lr_scale');
         the engine sets each group's lr."""
@@ -50,8 +56,11 @@ class Stage:
         import torch
 
         params = [p for g in param_groups for p in g["params"]]
-        fused = bool(params) and params[0].device.type == "cuda"
-        return torch.optim.AdamW(param_groups, lr=base_lr, betas=tuple(self.cfg.optim.betas), fused=fused)
+        on_cuda = bool(params) and params[0].device.type == "cuda"
+        betas = tuple(self.cfg.optim.betas)
+        if self.cfg.optim.impl == "apex":
+            return apex_adamw(param_groups, base_lr, betas, on_cuda)
+        return torch.optim.AdamW(param_groups, lr=base_lr, betas=betas, fused=on_cuda)
 
     def loss(self, model, batch, generator):
         """One micro-batch -> (scalar loss tensor, {name: scalar tensor} extra metrics; no host syncs).
@@ -72,3 +81,17 @@ class Stage:
     def finish(self, model, run_dir, manifest, step, epoch):
         """Called once on rank 0 at the end (e.g. export the encoder). Returns a dict of paths to report."""
         return {}
+
+
+def apex_adamw(param_groups, lr, betas, on_cuda):
+    """optim.impl=apex: NVIDIA apex's FusedAdam in AdamW mode (decoupled weight decay, per group)."""
+    from ..errors import ConfigError
+
+    try:
+        from apex.optimizers import FusedAdam
+    except ImportError as e:
+        raise ConfigError("optim.impl=apex: NVIDIA apex is not installed (it is not on PyPI, whose 'apex' is an "
+                          "unrelated package: build it from github.com/NVIDIA/apex), or use optim.impl=auto") from e
+    if not on_cuda:
+        raise ConfigError("optim.impl=apex: apex's FusedAdam runs on CUDA only; use optim.impl=auto on CPU")
+    return FusedAdam(param_groups, lr=lr, betas=betas, adam_w_mode=True)

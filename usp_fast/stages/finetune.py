@@ -82,6 +82,19 @@ class FinetuneStage(Stage):
         self.mixup = None
         self.num_classes = None
 
+    def latent_norm(self, manifest):
+        """Online images have no cache statistics: then the normalisation the encoder was pretrained in (its export
+        records it) is the one to fine-tune in, when it is the vae.normalize mode asked for."""
+        from ..artifacts import load_encoder
+        from ..vae import LatentNorm
+
+        mode = self.cfg.vae.normalize
+        if mode != "none" and manifest.get("latent_mean") is None:
+            recorded = load_encoder(self.cfg.finetune.encoder)[1].get("latent_norm") or {}
+            if recorded.get("mode") == mode:
+                return LatentNorm.from_dict(recorded)
+        return super().latent_norm(manifest)
+
     def build_model(self, manifest):
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
@@ -135,12 +148,15 @@ class FinetuneStage(Stage):
             save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
         meta = {"encoder": self.cfg.finetune.encoder, "num_classes": self.num_classes,
                 "class_names": manifest.get("class_names"), "latent_size": manifest["latent_size"],
-                "vae": manifest["vae"], "step": step, "epoch": epoch}
+                "vae": manifest["vae"], "latent_norm": manifest.get("latent_norm"), "step": step, "epoch": epoch}
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
         result = {"classifier": str(out / "model.safetensors")}
         f = self.cfg.finetune
         if f.val_cache_dir:
+            from ..vae import LatentNorm
+
             latents, labels = load_cache_latents(f.val_cache_dir, self.cfg)
+            latents = LatentNorm.from_dict(manifest.get("latent_norm")).normalize(latents)  # as trained
             acc = top_k(model, latents, labels, f.eval_batch, ks=(1, min(5, self.num_classes)))
             log.info("held-out %s: %s (%d images)", f.val_cache_dir, acc, len(labels))
             atomic_write_text(run_dir / "finetune.json", json.dumps({"val_cache_dir": f.val_cache_dir, **acc,

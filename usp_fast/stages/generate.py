@@ -154,7 +154,9 @@ class GenerateStage(Stage):
         return self.objective.training_loss(model, batch["latents"], labels, generator)
 
     def after_step(self, model, step):
-        self.ema.update(model, step)
+        from ..engine import master_params
+
+        self.ema.update(model, step, master_params(model))  # the fp32 masters, not bf16-rounded weights
 
     def state_dict(self):
         return {"ema": self.ema.state_dict()}
