@@ -58,7 +58,9 @@ def _counter(device):
     return _COUNTERS[device]
 
 
-def _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, loss, count, dloss=None, dpred=None):
+def _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, count, loss=None, dloss=None, dpred=None):
+    """Forward (loss given): writes loss and count. Backward (dloss, dpred given): reads dloss and count, writes
+    dpred."""
     from ._patch_norm_mse_jit import _patch_norm_mse_kernel  # the first launch imports triton
 
     B, L, N = pred.shape
@@ -70,7 +72,8 @@ def _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, loss, 
     part = count if backward else torch.empty(2 * programs, dtype=torch.float32, device=pred.device)
     cfg = tu.launch_config(f"patch_norm_mse/{'bwd' if backward else 'fwd'}", N, pred.dtype, rows * block_n)
     _patch_norm_mse_kernel[(programs,)](
-        pred, target, mask, dloss if backward else loss, loss, count, part, _counter(pred.device),
+        pred, target, mask, dloss if backward else count, count if backward else loss, count, part,
+        _counter(pred.device),
         dpred if backward else pred,
         B * L, L, W // patch_size, N, C,
         pred.stride(0), pred.stride(1), *target.stride(), eps,
@@ -96,7 +99,7 @@ class _PatchNormMSE(torch.autograd.Function):
         mask = mask if mask.is_contiguous() else mask.contiguous()  # [B, L]: tiny
         loss = torch.empty((), dtype=torch.float32, device=pred.device)
         count = torch.empty((), dtype=torch.float32, device=pred.device)  # masked patches
-        _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, loss, count)
+        _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, count, loss=loss)
         ctx.save_for_backward(pred, target, mask, count)
         ctx.config = (patch_size, norm_pix, eps)
         return loss
@@ -108,8 +111,7 @@ class _PatchNormMSE(torch.autograd.Function):
             return (None,) * 6
         patch_size, norm_pix, eps = ctx.config
         dpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
-        _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, loss=dloss, count=count, dloss=dloss,
-                               dpred=dpred)
+        _launch_patch_norm_mse(pred, target, mask, patch_size, norm_pix, eps, count, dloss=dloss, dpred=dpred)
         return dpred, None, None, None, None, None
 
 
