@@ -213,3 +213,35 @@ def test_bf16_ema_and_exports_come_from_the_fp32_masters(tmp_path, built_cache):
         assert torch.equal(v, weights[k]), k
     w = raw.blocks[0].attn.qkv.weight
     assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())
+
+
+def test_two_rank_bf16_ema_and_export_gather_the_fp32_masters(tmp_path, built_cache):
+    """`deepspeed --num_gpus 2` on CPU (gloo), bf16 ZeRO-1 with accumulation: each rank holds half of the fp32
+    masters, so the per-step EMA read and the export are collectives on both ranks. They must not hang, and with
+    ema.decay=0 the exported EMA equals the exported fp32 master weights."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parents[2]
+    c = built_cache
+    args = [f"run.out_dir={tmp_path / 'runs'}", "run.name=mr", f"data.root={c.data.root}", "data.demo_images=0",
+            f"data.cache_dir={c.data.cache_dir}", f"data.resolution={c.data.resolution}", "data.num_workers=0",
+            f"vae.name={c.vae.name}", "vae.scale=0.18215", "vae.normalize=none", "model.name=SiT-Test/2",
+            "generate.init=random", "train.precision=bf16", "train.zero_stage=1", "train.max_steps=3",
+            "train.global_batch=8", "train.micro_batch=2", "train.log_every=1", "ema.decay=0.0", "ema.warmup=false",
+            "sample.classes=[]"]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29537",
+           str(repo / "usp_fast" / "train.py"), "--stage", "generate", "--config",
+           str(repo / "configs" / "generate" / "demo.yaml"), *args]
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "runs" / "mr" / "generator"
+    weights, ema = load_file(str(out / "model.safetensors")), load_file(str(out / "ema.safetensors"))
+    for k, v in ema.items():
+        assert torch.equal(v, weights[k]), k
+    w = weights["blocks.0.attn.qkv.weight"]
+    assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())
