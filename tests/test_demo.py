@@ -23,7 +23,8 @@ def test_demo_runs_the_whole_chain_and_reuses_it(tmp_path, monkeypatch, capsys, 
     monkeypatch.chdir(REPO)
     result = run_demo(_overrides(tmp_path))
     out = capsys.readouterr().out
-    for what in ("restoration pictures", "sample grid", "pretrain loss curve", "generate loss curve", "evaluation"):
+    for what in ("restoration pictures", "sample grid", "pretrain loss curve", "generate loss curve", "evaluation",
+                 "denoising pictures"):
         assert what in out and Path(result[what]).exists(), what
         assert result[what] in out
     assert np.isfinite(result["fid"]) and "FID of 8 samples" in out
@@ -36,6 +37,8 @@ def test_demo_runs_the_whole_chain_and_reuses_it(tmp_path, monkeypatch, capsys, 
     assert grid.shape[0] == 4 * 64 and grid.std() > 5  # classes [0, 1, 2, 3]: one row each, 2 per row
     assert 0 < grid.mean() < 255 and json.loads((Path(result["sample grid"]).parent / "samples.json").read_text())[
         "clip_denoised"]  # pixels is bounded: sample.clip_denoised=auto clamps x0 to its range
+    denoise = np.asarray(Image.open(result["denoising pictures"]).convert("RGB"))
+    assert 6 * 64 <= denoise.shape[0] < 7 * 64 and denoise.std() > 20  # photos + five noise levels, 64 px rows
     for curve in ("pretrain loss curve", "generate loss curve"):
         assert np.asarray(Image.open(result[curve]).convert("RGB")).std() > 5
 

@@ -119,6 +119,64 @@ def denoised_range(scfg, objective, vae, latent_norm):
     return torch.minimum(lo, hi), torch.maximum(lo, hi)
 
 
+# ---- one-step denoising pictures ------------------------------------------------------------------------------
+NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fraction of the way from the data (0) to pure noise (1)
+
+
+def ddpm_step(objective, level):
+    """Noise level in (0, 1) -> the DDPM step index: 0.5 -> 500 of 1000."""
+    return min(round(level * objective.num_timesteps), objective.num_timesteps - 1)
+
+
+@torch.no_grad()
+def one_step_x0(model, objective, x0, labels, level, generator):
+    """The model's estimate of clean latents `x0` from one noised copy at `level` in (0, 1): DDPM step
+    `ddpm_step(level)`, x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar); SiT time `level`, x0 = x_t - t v."""
+    from usp_fast.diffusion import GaussianDiffusion
+
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    C = x0.shape[1]
+    if isinstance(objective, GaussianDiffusion):
+        t = torch.full((len(x0),), ddpm_step(objective, level), device=x0.device)
+        x_t = objective.q_sample(x0, t, noise)
+        return objective.predict_x0_from_eps(x_t, t, model(x_t, t, labels).float()[:, :C])
+    t = torch.full((len(x0),), float(level), device=x0.device)
+    x_t = objective.interpolate(x0, noise, t)
+    return x_t - t.view(-1, 1, 1, 1) * model(x_t, t, labels).float()[:, :C]
+
+
+def denoise_picture(sampler, folder, out, num=4, levels=NOISE_LEVELS, seed=0):
+    """A picture of what the generator has learned about real images: `num` photos of an ImageFolder (spread
+    over its classes, labelled by the model's class names) in the first row, then one row per noise level with
+    the model's one-step estimate of each photo from a noised copy. -> the PNG path."""
+    from usp_fast.data.images import IMAGE_EXTENSIONS
+    from usp_fast.restoration import load_images
+
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise UserError(f"images {folder}: no images found")
+    paths = [paths[i * len(paths) // num] for i in range(num)] if len(paths) > num else paths
+    model, cfg, dev = sampler.model, sampler.model.cfg, sampler.device
+    names = sampler.meta.get("class_names") or []
+    labels = torch.tensor([names.index(p.parent.name) if cfg.num_classes and p.parent.name in names
+                           else cfg.null_class for p in paths], device=dev)
+    images = load_images(paths, sampler.side).to(dev)
+    x0 = sampler.latent_norm.normalize(sampler.vae.encode(images)[0].float())
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    rows = [to_uint8(images)]
+    for level in levels:
+        est = one_step_x0(model, sampler.objective, x0, labels, level, gen)
+        rows.append(to_uint8(sampler.vae.decode(sampler.latent_norm.denormalize(est))))
+    from usp_fast.diffusion import GaussianDiffusion
+
+    ddpm = isinstance(sampler.objective, GaussianDiffusion)
+    times = [f"t={ddpm_step(sampler.objective, level)}" if ddpm else f"t={level:g}" for level in levels]
+    grid = image_grid(np.concatenate(rows), cols=len(paths), gap=2,
+                      row_labels=["photos", *[f"from {t}" for t in times]])
+    save_png(grid, out)
+    return Path(out)
+
+
 def npy_to_npz(npy_path, npz_path):
     """Wrap a .npy as 'arr_0' of an uncompressed .npz without loading it (50k images do not fit comfortably)."""
     with atomic_path(npz_path) as tmp:
