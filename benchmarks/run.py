@@ -395,8 +395,10 @@ def kernels_suite(ctx):
         entry["targets"] = KERNEL_TARGETS[case.op]
         entry["targets_met"] = _targets_met(entry) if ctx.on_gpu else None
         ops[case.op] = entry
+    hbm = steps.DATASHEET_HBM_TBPS.get(torch.cuda.get_device_name(ctx.device)) if ctx.on_gpu else None
     return {
         "copy_bandwidth_gbps": copy_gbps,
+        "datasheet_bandwidth_gbps": hbm * 1000 if hbm else None,  # beside the measured copy rate the fractions use
         "timing": ("median ms; fwd and fwd+bwd by triton.testing.do_bench, bwd by CUDA events around backward after "
                    "an untimed forward; GB/s from the minimum bytes each op must move" if ctx.on_gpu else
                    "CPU through the Triton interpreter at tiny shapes: wall-clock smoke timings, NOT performance "

@@ -51,10 +51,13 @@ OPTIM = {"pretrain": dict(lr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95)),
 EMA_DECAY = 0.9999
 CLASS_DROPOUT = 0.1
 
-# Datasheet dense bf16 tensor-core peaks (TFLOP/s), by torch.cuda.get_device_name. Only recorded beside the
-# measured peak, which is what MFU uses.
+# Datasheet dense bf16 tensor-core peaks (TFLOP/s), by torch.cuda.get_device_name: what `mfu` divides by
+# (`mfu_vs_measured_matmul` divides by the matmul rate measured in the same run).
 DATASHEET_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.4,
                          "NVIDIA H20": 148.0, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0}
+# Datasheet HBM bandwidth (TB/s), recorded beside the measured copy bandwidth that the kernels' fractions use.
+DATASHEET_HBM_TBPS = {"NVIDIA H100 80GB HBM3": 3.35, "NVIDIA H100 PCIe": 2.0, "NVIDIA H200": 4.8, "NVIDIA H20": 4.0,
+                      "NVIDIA A100-SXM4-80GB": 2.039, "NVIDIA A100-SXM4-40GB": 1.555}
 
 
 @dataclass(frozen=True)
