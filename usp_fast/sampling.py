@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from usp_fast import dist
-from usp_fast.diffusion import create_objective, guided_model
+from usp_fast.diffusion import GaussianDiffusion, create_objective, guided_model
 from usp_fast.diffusion import sample as run_sampler
 from usp_fast.errors import UserError
 from usp_fast.artifacts import find_generator, run_dir
@@ -102,8 +102,6 @@ def denoised_range(scfg, objective, vae, latent_norm):
     clipped under auto, as ADM does in pixel space: an under-trained model's x0 estimate at high noise is its
     epsilon error times 1/sqrt(alpha_bar) (~150 at t=999), and unclamped it runs the chain off the data range.
     Learned VAE latents have no such bound (DiT samples them unclipped)."""
-    from usp_fast.diffusion import GaussianDiffusion
-
     mode, bounds = scfg.clip_denoised, vae.value_range
     if mode == "off" or (mode == "auto" and bounds is None):
         return None
@@ -132,8 +130,6 @@ def ddpm_step(objective, level):
 def one_step_x0(model, objective, x0, labels, level, generator):
     """The model's estimate of clean latents `x0` from one noised copy at `level` in (0, 1): DDPM step
     `ddpm_step(level)`, x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar); SiT time `level`, x0 = x_t - t v."""
-    from usp_fast.diffusion import GaussianDiffusion
-
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     C = x0.shape[1]
     if isinstance(objective, GaussianDiffusion):
@@ -167,8 +163,6 @@ def denoise_picture(sampler, folder, out, num=4, levels=NOISE_LEVELS, seed=0):
     for level in levels:
         est = one_step_x0(model, sampler.objective, x0, labels, level, gen)
         rows.append(to_uint8(sampler.vae.decode(sampler.latent_norm.denormalize(est))))
-    from usp_fast.diffusion import GaussianDiffusion
-
     ddpm = isinstance(sampler.objective, GaussianDiffusion)
     times = [f"t={ddpm_step(sampler.objective, level)}" if ddpm else f"t={level:g}" for level in levels]
     grid = image_grid(np.concatenate(rows), cols=len(paths), gap=2,
