@@ -6,6 +6,7 @@ setup(
     description="Performance-first trainer for USP: masked latent modelling pretraining, DiT/SiT transfer, evaluation",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.10",
     # kernels/ installs as usp_fast_kernels (PyPI's `kernels` is another project); benchmarks/ as
     # usp_fast_benchmarks (for `usp-fast bench`; a generic top-level `benchmarks` would collide too)
@@ -21,6 +22,8 @@ setup(
         "timm>=1.0,<2",
         "torch-fidelity>=0.3,<0.5",
         "safetensors>=0.4,<1",
+        "huggingface_hub>=0.24,<3",  # the model mixins behind from_pretrained / save_pretrained / push_to_hub
+        "torchdiffeq>=0.2.3,<0.3",  # SiT's ODE solvers (dopri5, the official sampler's library)
         "pyyaml>=6,<7",
         "pydantic>=2.5,<3",
         "tqdm>=4.60,<5",

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through t
 
 import pytest  # noqa: E402
 
-from usp_fast.config import load_config  # noqa: E402
+from usp_fast.stages import load_config  # noqa: E402
 
 TINY_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64, norm_num_groups=4,

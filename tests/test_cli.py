@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from usp_fast.cli import main
-from usp_fast.config import ConfigError, describe_keys
+from usp_fast.config import ConfigError
+from usp_fast.stages import describe_keys
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = str(REPO / "configs" / "pretrain" / "demo.yaml")

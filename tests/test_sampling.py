@@ -11,6 +11,7 @@ from usp_fast.diffusion import create_objective
 from usp_fast.ema import EMA
 from usp_fast.stages.generate import GenerateStage
 from usp_fast.sampling import Sampler, batch_generator, load_generator, run, sample_latents
+from usp_fast.vae import LatentNorm
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,7 +30,7 @@ def _make_generator(tmp_path, cache_cfg, model_name, *overrides):
     manifest = json.loads((Path(cache_cfg.data.cache_dir) / "manifest.json").read_text())
     task = GenerateStage(cfg)
     torch.manual_seed(0)
-    model = task.build_model(manifest)
+    model = task.build_model(manifest, LatentNorm())
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
@@ -37,7 +38,7 @@ def _make_generator(tmp_path, cache_cfg, model_name, *overrides):
     with torch.no_grad():
         for s in task.ema.shadow:
             s.mul_(0.5)
-    task.finish(model, Path(cfg.run.out_dir) / cfg.run.name, manifest, 7, 1.0)
+    task.finish(model, Path(cfg.run.out_dir) / cfg.run.name, manifest, LatentNorm(), 7, 1.0)
     return config_with
 
 
@@ -142,7 +143,7 @@ def test_one_step_x0_inverts_an_exact_model(objective_name):
     x0 = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(1))
     for level in NOISE_LEVELS:
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
-        truth = noise if objective_name == "ddpm" else noise - x0
+        truth = noise if objective_name == "ddpm" else x0 - noise  # SiT: v = x1 - eps
 
         def model(x_t, t, y, truth=truth):
             return torch.cat([truth, torch.zeros_like(truth)], 1)

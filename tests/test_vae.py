@@ -20,6 +20,22 @@ def test_directory_without_config_is_rejected(tmp_path):
         load_vae(str(tmp_path))
 
 
+def test_a_bad_vae_name_is_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
+    """VAEError is a user error: a stage with an unloadable vae.name prints one line and exits 2."""
+    from usp_fast.cli import main
+    from usp_fast.errors import UserError
+
+    assert issubclass(VAEError, UserError)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (tmp_path / "c.yaml").write_text("run:\n  name: bad_vae\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--stage", "cache", "--config", str(tmp_path / "c.yaml"), f"data.root={tmp_path}", "data.demo_images=4",
+              "vae.name=pixels:99", f"run.out_dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'c'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "pixels:99" in err[0], err
+
+
 def test_local_vae_is_frozen_and_scaled(tiny_vae_dir):
     vae = load_vae(str(tiny_vae_dir), scale=0.5)
     assert not any(p.requires_grad for p in vae.parameters())

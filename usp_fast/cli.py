@@ -3,7 +3,8 @@
     usp-fast train --stage STAGE --config FILE [--resume auto|DIR] [key=value ...]
     usp-fast sample --config FILE [sample.key=value ...]
     usp-fast evaluate SAMPLES REFERENCE [--out FILE] [--protocol key=value ...]
-    usp-fast restore --run DIR --images DIR [--mask-ratio 0.75] [--num 8]
+    usp-fast restore --run DIR --images DIR [--mask-ratio R] [--num 8]
+    usp-fast import usp|dit|sit CHECKPOINT OUT                (an official checkpoint -> a usp-fast export)
     usp-fast bench [--suite ...] [--check] ...            (benchmarks/run.py; needs a source checkout)
     usp-fast demo [key=value ...]                          (the whole chain on the built-in demo: make demo)
     usp-fast config show --stage STAGE [--config FILE] [key=value ...]
@@ -16,44 +17,23 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from .errors import UserError
+from .stages import STAGES
 
 log = logging.getLogger("usp_fast")
-
-STAGE_NAMES = ("cache", "pretrain", "generate", "finetune", "probe")
-
-
-def setup_logging(rank, rdir=None):
-    level = logging.INFO if rank == 0 else logging.WARNING
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if rdir is not None and rank == 0:
-        Path(rdir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(rdir) / "train.log"))
-    logging.basicConfig(level=level, format=f"%(asctime)s [r{rank}] %(name)s: %(message)s", handlers=handlers,
-                        force=True)
-
-
-def _rank():
-    return int(os.environ.get("RANK", 0))
 
 
 # ---- subcommands ----
 def cmd_train(args):
-    from . import dist
     from .artifacts import run_dir
-    from .config import load_config
-    from .stages import stage_class
+    from .stages import load_config, run_stage
+
+    from .dist import env_rank
 
     cfg = load_config(args.config, args.overrides, stage=args.stage)
-    stage = stage_class(args.stage)(cfg)
-    stage.check_inputs()  # before any process group, VAE, model or data
-    rank = _rank()
-    setup_logging(rank, run_dir(cfg.run))
-    rank, _, _ = dist.init()
-    result = stage.run(resume=args.resume) or {}
-    if rank == 0:
+    result = run_stage(args.stage, cfg, resume=args.resume, log_to_run=True)
+    if env_rank() == 0:
         rdir = run_dir(cfg.run)
         print(f"\nDone ({args.stage}). Run directory: {rdir}")
         for k, v in result.items():
@@ -63,12 +43,12 @@ def cmd_train(args):
 
 def cmd_sample(args):
     from . import dist
-    from .config import load_config
     from .sampling import run
+    from .stages import load_config
 
     cfg = load_config(args.config, args.overrides, stage="generate")
     rank, world, device = dist.init(use_deepspeed=False)
-    setup_logging(rank)
+    dist.setup_logging(rank)
     result = run(cfg, device, rank, world)
     if rank == 0:
         for k, v in result.items():
@@ -80,7 +60,9 @@ def cmd_evaluate(args):
     from .evaluation import default_out, evaluate_samples
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    progress = {"on": True, "off": False, "auto": sys.stderr.isatty() and not os.environ.get("CI")}[args.progress]
+    from .progress import on_terminal
+
+    progress = {"on": True, "off": False, "auto": on_terminal()}[args.progress]
     doc = evaluate_samples(args.samples, args.reference, args.out, args.protocol, args.batch, args.device,
                            args.inception_weights, args.cache_dir, progress)
     for k, v in doc["metrics"].items():
@@ -98,7 +80,7 @@ def cmd_restore(args):
 
     out = restore_folder(args.run, args.images, args.num, args.mask_ratio, args.seed, args.out, args.checkpoint,
                          args.device)
-    print(f"wrote {out}: {args.num} rows of original | masked ({args.mask_ratio:.0%} of latent patches) | restored")
+    print(f"wrote {out}: {args.num} rows of original | masked latent patches | restored")
     return out
 
 
@@ -122,7 +104,8 @@ def cmd_demo(args):
 def cmd_config(args):
     import yaml
 
-    from .config import describe_keys, keys_markdown, load_config, to_dict
+    from .config import to_dict
+    from .stages import describe_keys, keys_markdown, load_config
 
     if args.action == "show":
         cfg = load_config(args.config, args.overrides, stage=args.stage)
@@ -136,6 +119,15 @@ def cmd_config(args):
     for k, t, d, doc in rows:
         print(f"{k:<{width}}  {t}  (default: {'unset' if d is None else d})\n{'':<{width}}  {doc}")
     return rows
+
+
+def cmd_import(args):
+    from .official import import_checkpoint
+
+    r = import_checkpoint(args.kind, args.src, args.out, vae=args.vae, overwrite=args.overwrite)
+    loader = "USPViT.from_pretrained" if args.kind == "usp" else "DiT.from_pretrained"
+    print(f"imported {args.src} ({r['sub_dict']}) as {r['model']} into {r['out']} (loads with {loader})")
+    return r
 
 
 # ---- parser ----
@@ -152,8 +144,8 @@ def build_parser():
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors too")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = _subparser(sub, "train", help="run a stage: cache, pretrain, generate, finetune or probe")
-    t.add_argument("--stage", required=True, choices=STAGE_NAMES)
+    t = _subparser(sub, "train", help=f"run a stage: {', '.join(STAGES)}")
+    t.add_argument("--stage", required=True, choices=list(STAGES))
     t.add_argument("--config", required=True, help="YAML config (configs/<stage>/<name>.yaml)")
     t.add_argument("--resume", default=None, help="'auto' (newest good checkpoint) or a checkpoint folder")
     t.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -186,7 +178,8 @@ def build_parser():
     r.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest good one)")
     r.add_argument("--images", required=True, help="an image file or a folder of images (searched recursively)")
     r.add_argument("--num", type=int, default=8, help="images to restore (the first N in sorted order)")
-    r.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of latent patches masked")
+    r.add_argument("--mask-ratio", type=float, default=None,
+                   help="fraction of latent patches masked (default: the run's model.mask_ratio)")
     r.add_argument("--seed", type=int, default=0, help="seeds the random masks")
     r.add_argument("--out", default=None, help="PNG path (default: <run>/restore_mask<ratio>.png)")
     r.add_argument("--device", default="auto")
@@ -201,14 +194,25 @@ def build_parser():
     d.add_argument("overrides", nargs="*", help="overrides for both demo configs, e.g. run.out_dir=/tmp/runs")
     d.set_defaults(func=cmd_demo)
 
+    im = _subparser(sub, "import", help="an official USP / DiT / SiT checkpoint -> a usp-fast export folder")
+    im.add_argument("kind", choices=("usp", "dit", "sit"),
+                    help="usp: AMAP-ML/USP pretraining (MAE) checkpoint -> encoder export; dit: facebookresearch/DiT, "
+                         "sit: willisma/SiT checkpoint -> generator folder")
+    im.add_argument("src", help="the official .pt/.pth file (a state dict, or a dict with 'ema'/'model')")
+    im.add_argument("out", help="the export folder to write (new or empty)")
+    im.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                    help="the VAE the checkpoint's latents come from, recorded in the export")
+    im.add_argument("--overwrite", action="store_true", help="write into an OUT that already holds files")
+    im.set_defaults(func=cmd_import)
+
     c = _subparser(sub, "config", help="print a resolved config, or every key of a stage with its type and doc")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
     cs = csub.add_parser("show", help="the resolved config of a stage (file + overrides) as YAML")
-    cs.add_argument("--stage", default="pretrain", choices=STAGE_NAMES)
+    cs.add_argument("--stage", default="pretrain", choices=list(STAGES))
     cs.add_argument("--config", default=None, help="YAML config")
     cs.add_argument("overrides", nargs="*", help="config overrides")
     ck = csub.add_parser("keys", help="every key of a stage: type, default, doc")
-    ck.add_argument("--stage", default="pretrain", choices=STAGE_NAMES)
+    ck.add_argument("--stage", default="pretrain", choices=list(STAGES))
     ck.add_argument("--markdown", action="store_true", help="the README table (all stages)")
     c.set_defaults(func=cmd_config)
     return p
@@ -226,7 +230,7 @@ def main(argv=None):
     except UserError as e:
         if args.debug:
             raise
-        if _rank() == 0:
+        if int(os.environ.get("RANK", 0)) == 0:  # (usp_fast.dist.env_rank, without importing torch)
             print(f"usp-fast {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "load_config", "to_dict", "config_class", "STAGE_CONFIGS", "describe_keys",
-           "keys_markdown"]
+__all__ = ["ConfigError", "parse_config", "to_dict", "schema_keys", "keys_markdown"]
 
 
 class Section(BaseModel):
@@ -141,6 +140,9 @@ class OptimConfig(Section):
 
 class TrainConfig(Section):
     epochs: float = key(800, "training length in epochs of the data set")
+    drop_last: bool = key(True, "an epoch is floor(N / global_batch) steps, the tail of each shuffle unseen, as the "
+                                "official DataLoader(drop_last=True) (800 ImageNet epochs at 4096: 249,600 steps); "
+                                "false: epochs laid end to end, every sample once per epoch")
     max_steps: Optional[int] = key(None, "cap on optimizer steps (demos, smoke runs, step-budgeted recipes)")
     global_batch: int = key(4096, "images per optimizer step over all ranks (accumulation fills the gap)")
     micro_batch: int = key(256, "images per rank per forward")
@@ -199,8 +201,9 @@ class GenerateSection(Section):
     learn_sigma: Optional[bool] = key(None, "unset: true for DiT (2C outputs), false for SiT")
     norm_affine: Optional[bool] = key(None, "unset: true with a USP init (the ViT's LayerNorm affine), false "
                                             "(DiT's) otherwise")
-    mlp_act: Optional[Literal["gelu", "gelu_tanh"]] = key(None, "unset: the export's activation with a USP init, "
-                                                                "else gelu_tanh (DiT)")
+    mlp_act: Optional[Literal["gelu", "gelu_tanh"]] = key(None, "unset: gelu_tanh (DiT, and the official USP DiT/SiT "
+                                                                "after transfer); gelu: the exact GELU the ViT "
+                                                                "pretrained with")
     class_dropout_prob: float = key(0.1, "label dropout for classifier-free guidance")
     unconditional: bool = key(False, "label-free training and sampling: every label is the null class (one "
                                      "model pass per sampling step, no guidance); for data without classes")
@@ -226,9 +229,14 @@ class EMASection(Section):
 class SampleSection(Section):
     checkpoint: Optional[str] = key(None, "generator/ folder or checkpoint folder (default: this run's "
                                           "generator/, else its latest checkpoint)")
-    method: Literal["auto", "ddpm", "ddim", "ode-heun", "ode-euler", "sde"] = key(
-        "auto", "auto (DiT: ddpm, SiT: sde); DiT: ddpm, ddim; SiT: ode-heun, ode-euler, sde")
-    steps: int = key(250, "sampling steps (DiT: respaced DDPM/DDIM steps; SiT: solver steps)")
+    method: Literal["auto", "ddpm", "ddim", "ode-heun", "ode-euler", "ode-dopri5", "sde"] = key(
+        "auto", "auto (DiT: ddpm, SiT: sde); DiT: ddpm, ddim; SiT: ode-dopri5 (adaptive, SiT's ODE default), "
+                "ode-heun, ode-euler, sde (SiT's FID sampler)")
+    steps: int = key(250, "sampling steps (DiT: respaced DDPM/DDIM steps; SiT: the official num_steps, grid points "
+                          "of linspace(t0, t1, steps): a fixed-grid ODE takes steps - 1 steps, the SDE steps "
+                          "evaluations)")
+    ode_atol: float = key(1e-6, "SiT ode-dopri5: absolute tolerance (SiT's default)")
+    ode_rtol: float = key(1e-3, "SiT ode-dopri5: relative tolerance (SiT's default)")
     cfg_scale: float = key(1.0, "classifier-free guidance scale; 1 = plain conditional (or unconditional) "
                                 "sampling")
     cfg_channels: Optional[int] = key(None, "guide only the first k latent channels (DiT/SiT reference: 3); "
@@ -278,7 +286,7 @@ class ProbeSection(Section):
     encoder: str = key("", "encoder export folder (runs/<pretrain>/export) from --stage pretrain")
     generator: str = key("", "or a DiT/SiT: a generate run's generator/ folder or a checkpoint folder (per-block)")
     noise_level: float = key(0.0, "DiT/SiT features at this fraction of the way to noise (DiT t = level*999, "
-                                  "SiT t)")
+                                  "SiT t = 1 - level, t = 1 being data)")
     pool: Literal["cls", "avg"] = key("cls", "cls (the cls token after the final norm, MAE) or avg (mean of "
                                              "patch tokens)")
     blocks: list[int] = key([], "per-block probe: block indices ([-1] = all); empty = the final features only")
@@ -291,21 +299,6 @@ class ProbeSection(Section):
 
 class ProbeConfig(Config):
     probe: ProbeSection = ProbeSection()
-
-
-STAGE_CONFIGS = {
-    "cache": CacheStageConfig,
-    "pretrain": PretrainConfig,
-    "generate": GenerateConfig,
-    "finetune": FinetuneConfig,
-    "probe": ProbeConfig,
-}
-
-
-def config_class(stage):
-    if stage not in STAGE_CONFIGS:
-        raise ConfigError(f"unknown stage {stage!r}; valid: {', '.join(STAGE_CONFIGS)}")
-    return STAGE_CONFIGS[stage]
 
 
 # ---- loading ----
@@ -370,10 +363,13 @@ def read_yaml(path):
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
 
 
-def load_config(path=None, overrides=(), stage="pretrain"):
-    """A YAML file (optional) and 'a.b=value' overrides -> the stage's validated config. Raises ConfigError."""
-    cls = config_class(stage)
-    values = read_yaml(path) if path is not None else {}
+def parse_config(cls, path=None, overrides=()):
+    """A YAML file (or an already-parsed dict; optional) and 'a.b=value' overrides -> a validated config of schema
+    `cls` (a stage's schema: usp_fast.stages.load_config picks it by stage name). Raises ConfigError."""
+    if isinstance(path, dict):
+        values, path = copy.deepcopy(path), "<dict>"
+    else:
+        values = read_yaml(path) if path is not None else {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of groups, got {type(values).__name__}")
     parsed = []
@@ -406,10 +402,9 @@ def _type_name(annotation):
     return getattr(annotation, "__name__", str(annotation))
 
 
-def describe_keys(stage):
-    """-> [(dotted key, type, default, doc)] for every key of a stage's config."""
+def schema_keys(cls):
+    """-> [(dotted key, type, default, doc)] for every key of a config schema."""
     rows = []
-    cls = config_class(stage)
     for group, gfield in cls.model_fields.items():
         section = gfield.annotation
         for name, f in section.model_fields.items():
@@ -420,19 +415,22 @@ def describe_keys(stage):
     return rows
 
 
-def keys_markdown():
-    """The README key table: every key of every stage, once, with the stages that have it."""
+def keys_markdown(schemas):
+    """The key table of docs/configuration.md: every key of every stage ({stage: schema}), once, with the stages
+    that have it. A stage whose schema adds nothing to an earlier one's (cache: pretrain's) is not a column."""
     def shown(d):
         return "unset" if d is None else yaml.safe_dump(d, default_flow_style=True).strip().removesuffix("...").strip()
 
-    seen = {}
-    for stage in STAGE_CONFIGS:
-        if stage == "cache":  # the pretrain schema
+    seen, tables = {}, []
+    for stage, cls in schemas.items():
+        rows = schema_keys(cls)
+        if rows in tables:
             continue
-        for k, t, d, doc in describe_keys(stage):
+        tables.append(rows)
+        for k, t, d, doc in rows:
             entry = seen.setdefault(k, {"type": t, "doc": doc, "defaults": {}})
             entry["defaults"][stage] = shown(d)
-    everywhere = len(STAGE_CONFIGS) - 1
+    everywhere = len(tables)
     lines = ["| key | type | default | stages | what it does |", "| --- | --- | --- | --- | --- |"]
     for k, e in seen.items():
         stages = list(e["defaults"])

@@ -10,6 +10,25 @@ import torch.distributed as td
 log = logging.getLogger(__name__)
 
 
+def env_rank():
+    """This process's rank from the launcher's environment (0 for a plain `python` run), before any process group."""
+    return int(os.environ.get("RANK", 0))
+
+
+def setup_logging(rank, rdir=None):
+    """INFO from rank 0 (WARNING from the others) to stdout, and from rank 0 to <rdir>/train.log too."""
+    import sys
+    from pathlib import Path
+
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rdir is not None and rank == 0:
+        Path(rdir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(rdir) / "train.log"))
+    logging.basicConfig(level=level, format=f"%(asctime)s [r{rank}] %(name)s: %(message)s", handlers=handlers,
+                        force=True)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

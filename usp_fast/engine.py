@@ -1,5 +1,5 @@
 """The training loop every stage shares: DeepSpeed engine, deterministic data stream, lr schedule, logging,
-checkpoints and exact resume. A stage plugs in through `usp_fast.stages.base.Task`."""
+checkpoints and exact resume. A stage plugs in through `usp_fast.stages.base.Stage`."""
 import contextlib
 import json
 import logging
@@ -9,7 +9,6 @@ import time
 
 import torch
 import yaml
-from tqdm import tqdm
 
 from . import dist
 from .config import to_dict
@@ -19,9 +18,11 @@ from .artifacts import (checkpoint_root, checkpoint_tag, complete_checkpoints, r
                         truncate_metrics, write_complete_marker)
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .io import atomic_write_text
-from .optim import lr_at
+from .optim import base_lr, lr_at
 from .pictures import plot_training_curves
+from .progress import progress_bar
 from .seeding import step_seed
+from .vae import LatentNorm
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,20 @@ def fp32_master_weights(module):
             p.data = d
 
 
+class LogWindow:
+    """What the loop adds up on the device between two log rows (no host sync until the row is made)."""
+
+    def __init__(self, device, start):
+        self.loss_sum = torch.zeros((), device=device)
+        self.skipped = 0  # micro-batches skipped as non-finite over the whole invocation
+        self.reset(start)
+
+    def reset(self, start):
+        self.loss_sum.zero_()
+        self.metric_sums, self.skipped_since_log = {}, 0
+        self.start, self.tick = start, time.time()
+
+
 class Trainer:
     def __init__(self, cfg, task, resume=None):
         import deepspeed
@@ -110,17 +125,15 @@ class Trainer:
         self.data = self._data_source(cfg)  # a LatentCache, or an OnlineSource holding the frozen VAE
         t = cfg.train
         self.plan = StreamPlan(len(self.data), cfg.run.seed, t.global_batch, t.micro_batch, self.world, self.rank,
-                               flip=cfg.data.flip, views=self.manifest.get("views", 1))
-        self.steps_per_epoch = len(self.data) / t.global_batch
+                               flip=cfg.data.flip, views=self.manifest.get("views", 1), drop_last=t.drop_last)
+        self.steps_per_epoch = self.plan.steps_per_epoch
         self.total_steps = math.ceil(t.epochs * self.steps_per_epoch)
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
-        o = cfg.optim
-        self.base_lr = o.lr if o.lr is not None else o.blr * t.global_batch / 256
+        self.base_lr = base_lr(cfg.optim, t.global_batch)
 
-        self.latent_norm = task.latent_norm(self.manifest)
-        self.manifest = {**self.manifest, "latent_norm": self.latent_norm.as_dict()}  # what the stage exports
-        model = task.build_model(self.manifest).to(self.device)
+        self.latent_norm = task.latent_norm(self.manifest)  # the run's one normalisation: exports record it
+        model = task.build_model(self.manifest, self.latent_norm).to(self.device)
         optimizer = task.build_optimizer(task.param_groups(model), self.base_lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.world, self.dtype))
@@ -132,7 +145,7 @@ class Trainer:
         if dist.is_main():
             truncate_metrics(self.run_dir, self.start_step)  # rows past the start are written again
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            atomic_write_text(self.run_dir / "latent_norm.json", json.dumps(self.latent_norm.as_dict()))
+            atomic_write_text(self.run_dir / LatentNorm.FILE, json.dumps(self.latent_norm.as_dict()))
             log.info("%s: %d %s, %d ranks, global batch %d (micro %d x accum %d), %.2f steps/epoch, "
                      "%d steps, base lr %.3g, %s on %s, ZeRO %d", task.name, len(self.data),
                      "latents" if cfg.data.source == "cache" else "images (online encode)", self.world,
@@ -234,91 +247,106 @@ class Trainer:
         return out
 
     def train(self):
-        cfg, t = self.cfg, self.cfg.train
-        main = dist.is_main()
-        writer = None
-        if main:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(self.run_dir / "tb"))
-        gen = torch.Generator(device=self.device)
-        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.task.name, unit="step",
-                   disable=not main, dynamic_ncols=True)
-        loss_sum = torch.zeros((), device=self.device)
-        metric_sums = {}
-        skip = t.nonfinite == "skip"
-        skipped = skipped_since_log = 0
-        tick, tick_step = time.time(), self.start_step
+        """Steps from start_step to the end of this invocation: step, then (at log intervals) log and check, then
+        save on the checkpoint cadence; a final checkpoint, then the stage's exports. -> the stage's result."""
+        t = self.cfg.train
+        end = self.total_steps if t.run_steps is None else min(self.total_steps, self.start_step + t.run_steps)
+        window = LogWindow(self.device, self.start_step)
         checked = self.start_step  # steps up to here are known finite
         batches = iter(self._loader())
-        end = self.total_steps if t.run_steps is None else min(self.total_steps, self.start_step + t.run_steps)
-        audit = open(self.run_dir / f"samples_r{self.rank}.txt", "a") if t.audit_samples else None
-        self.engine.train()
-        try:
+        gen = torch.Generator(device=self.device)
+        with self._outputs() as (writer, bar, audit):
+            self.engine.train()
             for step in range(self.start_step, end):
-                lr = lr_at(step, cfg, self.steps_per_epoch, self.total_steps, self.base_lr)
-                for group in self.optimizer.param_groups:  # lr_scale: e.g. layer-wise lr decay groups
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                for micro in range(self.plan.accum):
-                    gen.manual_seed(step_seed(cfg.run.seed, step, micro, self.rank))
-                    raw = next(batches)
-                    if audit is not None:
-                        audit.write(f"{step} {' '.join(map(str, raw['indices'].tolist()))}\n")
-                    batch = self._latents(raw, gen)
-                    loss, metrics = self.task.loss(self.engine, batch, gen)
-                    if skip and not bool(torch.isfinite(loss).item()):  # the opt-in per-micro-step sync
-                        skipped, skipped_since_log = skipped + 1, skipped_since_log + 1
-                        # a zero-gradient loss keeps DeepSpeed's backward hooks and accumulation count intact
-                        loss = sum(p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad)
-                        metrics = {}
-                    else:
-                        loss_sum += loss.detach().float()
-                    self.engine.backward(loss)
-                    self.engine.step()
-                    for k, v in metrics.items():
-                        metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
-                self.task.after_step(self.engine.module, step)
+                lr = self._step(step, batches, gen, window, audit)
                 done = step + 1
                 bar.update(1)
                 saving = done % t.ckpt_every == 0 and done < end
                 if done % t.log_every == 0 or done == end or saving:  # the only host syncs
-                    bad = self._nonfinite(loss_sum)
+                    bad = self._nonfinite(window.loss_sum)
                     if done % t.log_every == 0 or done == end or bad:
-                        n = max((done - tick_step) * self.plan.accum - skipped_since_log, 1)
-                        row = {"step": done, "epoch": done / self.steps_per_epoch,
-                               "loss": dist.mean_across_ranks(loss_sum / n).item(), "lr": lr}
-                        for k, v in metric_sums.items():
-                            row[k] = dist.mean_across_ranks(v / n).item()
-                        gn = self.engine.get_global_grad_norm()
-                        if gn is not None:
-                            row["grad_norm"] = float(gn)
-                        if skip:
-                            row["nonfinite_skipped"] = skipped
-                        if self.device.type == "cuda":
-                            torch.cuda.synchronize()
-                        elapsed = time.time() - tick
-                        row["img_per_s"] = (done - tick_step) * t.global_batch / max(elapsed, 1e-9)
-                        if main:
+                        row = self._metrics_row(done, lr, window)
+                        if dist.is_main():
                             self._log(row, writer, bar)
-                        loss_sum.zero_()
-                        metric_sums, skipped_since_log = {}, 0
-                        tick, tick_step = time.time(), done
+                        window.reset(done)
                     if bad:
                         self._stop_nonfinite(bad, checked, done)
                     checked = done
                 if saving:
                     self._save(done)
-        finally:
-            bar.close()
-            if audit is not None:
-                audit.close()
-            if writer is not None:
-                writer.close()
         if end > self.start_step or not complete_checkpoints(self.ckpt_root):
             self._save(end)
         if end < self.total_steps:
             log.info("stopped at step %d of %d (train.run_steps); continue with --resume auto", end, self.total_steps)
             return {"stopped_at": end}
         return self._finish()
+
+    @contextlib.contextmanager
+    def _outputs(self):
+        """What the loop writes besides checkpoints: TensorBoard and the progress bar (rank 0), and the optional
+        per-rank sample audit; closed however the loop ends."""
+        main, t = dist.is_main(), self.cfg.train
+        writer = None
+        if main:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(self.run_dir / "tb"))
+        bar = progress_bar(total=self.total_steps, initial=self.start_step, desc=self.task.name, unit="step",
+                           disable=not main)
+        audit = open(self.run_dir / f"samples_r{self.rank}.txt", "a") if t.audit_samples else None
+        try:
+            yield writer, bar, audit
+        finally:
+            bar.close()
+            if audit is not None:
+                audit.close()
+            if writer is not None:
+                writer.close()
+
+    def _step(self, step, batches, gen, window, audit):
+        """One optimizer step: the scheduled lr, then `accum` micro-steps of forward + backward (DeepSpeed steps
+        the optimizer on the last). Loss and metrics add up on the device in `window`. -> the lr."""
+        cfg = self.cfg
+        lr = lr_at(step, cfg, self.steps_per_epoch, self.total_steps, self.base_lr)
+        for group in self.optimizer.param_groups:  # lr_scale: e.g. layer-wise lr decay groups
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        for micro in range(self.plan.accum):
+            gen.manual_seed(step_seed(cfg.run.seed, step, micro, self.rank))
+            raw = next(batches)
+            if audit is not None:
+                audit.write(f"{step} {' '.join(map(str, raw['indices'].tolist()))}\n")
+            batch = self._latents(raw, gen)
+            loss, metrics = self.task.loss(self.engine, batch, gen)
+            if cfg.train.nonfinite == "skip" and not bool(torch.isfinite(loss).item()):  # the opt-in per-micro sync
+                window.skipped, window.skipped_since_log = window.skipped + 1, window.skipped_since_log + 1
+                # a zero-gradient loss keeps DeepSpeed's backward hooks and accumulation count intact
+                loss = sum(p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad)
+                metrics = {}
+            else:
+                window.loss_sum += loss.detach().float()
+            self.engine.backward(loss)
+            self.engine.step()
+            for k, v in metrics.items():
+                window.metric_sums[k] = window.metric_sums.get(k, 0) + v.detach().float()
+        self.task.after_step(self.engine.module, step)
+        return lr
+
+    def _metrics_row(self, done, lr, window):
+        """The log row of the steps since the last one, averaged over micro-steps and ranks (host syncs)."""
+        t = self.cfg.train
+        n = max((done - window.start) * self.plan.accum - window.skipped_since_log, 1)
+        row = {"step": done, "epoch": done / self.steps_per_epoch,
+               "loss": dist.mean_across_ranks(window.loss_sum / n).item(), "lr": lr}
+        for k, v in window.metric_sums.items():
+            row[k] = dist.mean_across_ranks(v / n).item()
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            row["grad_norm"] = float(gn)
+        if t.nonfinite == "skip":
+            row["nonfinite_skipped"] = window.skipped
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        row["img_per_s"] = (done - window.start) * t.global_batch / max(time.time() - window.tick, 1e-9)
+        return row
 
     def _log(self, row, writer, bar):
         with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -336,7 +364,8 @@ class Trainer:
         epoch = self.total_steps / self.steps_per_epoch
         with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.train.zero_stage == 3):
             with fp32_master_weights(module):  # exports carry the fp32 masters, not the bf16 module weights
-                result = self.task.finish(module, self.run_dir, self.manifest, self.total_steps, epoch) \
+                result = self.task.finish(module, self.run_dir, self.manifest, self.latent_norm, self.total_steps,
+                                          epoch) \
                     if dist.is_main() else {}
         dist.barrier()
         return result

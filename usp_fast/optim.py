@@ -1,17 +1,15 @@
 """Parameter groups and the one learning-rate schedule every stage uses (the engine's stages and the linear probe)."""
 import math
 
-NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")  # besides every tensor with ndim <= 1 (biases, norms)
-
-
 def decay_groups(model, weight_decay):
-    """AdamW groups [decay, no decay]: timm's `param_groups_weight_decay` split (no decay for ndim <= 1) plus
-    parameters named (last dotted component) as in NO_DECAY_NAMES. Both groups always, in this order, even with
-    weight_decay 0 (where timm would merge them), so the optimizer-state layout never depends on the decay value."""
+    """AdamW groups [decay, no decay]: timm's `param_groups_weight_decay` split with its defaults, as the official
+    USP/MAE pretraining calls it: no decay for tensors with ndim <= 1 (biases, norms) and names ending in .bias;
+    cls_token and mask_token ([1, 1, D]) are decayed (85 decayed tensors for usp_vit_b). The fixed sin-cos tables
+    are buffers and never reach the optimizer. Both groups always, in this order, even with weight_decay 0 (where
+    timm would merge them), so the optimizer-state layout never depends on the decay value."""
     from timm.optim import param_groups_weight_decay
 
-    patterns = [p for n in NO_DECAY_NAMES for p in (n, f"*.{n}")]  # the exact name, not e.g. decoder_pos_embed
-    groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=patterns)  # any non-zero decay splits
+    groups = param_groups_weight_decay(model, 1.0)  # any non-zero decay splits
     params = {g["weight_decay"]: g["params"] for g in groups}
     return [{"params": params.get(1.0, []), "weight_decay": weight_decay},
             {"params": params.get(0.0, []), "weight_decay": 0.0}]
@@ -23,6 +21,11 @@ def layer_decay_groups(model, weight_decay, layer_decay):
 
     return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay(),
                                     layer_decay=layer_decay)
+
+
+def base_lr(optim_cfg, batch):
+    """The peak lr: optim.lr when set, else the MAE/USP scaling rule blr x batch / 256."""
+    return optim_cfg.lr if optim_cfg.lr is not None else optim_cfg.blr * batch / 256
 
 
 def warmup_length(warmup_epochs, warmup_steps, steps_per_epoch):

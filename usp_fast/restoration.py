@@ -1,5 +1,6 @@
 """Masked-latent restoration with a pretrained USP model (encoder + MAE decoder) (library; the command is
-`usp-fast restore --run runs/NAME --images DIR [--mask-ratio 0.75] [--num 8] [--out restore.png]`).
+`usp-fast restore --run runs/NAME --images DIR [--mask-ratio R] [--num 8] [--out restore.png]`; the mask ratio
+defaults to the run's model.mask_ratio).
 
 Each image is centre-cropped (as the cache does) and VAE-encoded (posterior mean); a chosen fraction of its
 latent patches is masked at random; the encoder sees the visible patches and the decoder predicts every patch.
@@ -11,26 +12,14 @@ The PNG has one row per image: original | masked (masked patches grey) | restore
 Reads a pretrain run: its config.yaml (model, VAE, resolution) and a checkpoint (any ZeRO stage, through
 usp_fast.artifacts.read_checkpoint): the newest good one unless a checkpoint folder is given.
 """
-import contextlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from usp_fast.data.images import image_files, load_images
 from usp_fast.models.layers import patchify, unpatchify
 from usp_fast.pictures import image_grid, save_png, to_uint8
-
-
-@contextlib.contextmanager
-def _keeping(model, num_keep):
-    """Let the model's own random_masking keep `num_keep` patches instead of its training mask ratio."""
-    saved = model.num_keep
-    model.num_keep = num_keep
-    try:
-        yield
-    finally:
-        model.num_keep = saved
 
 
 def visible_patch_stats(target, mask, eps):
@@ -45,12 +34,8 @@ def visible_patch_stats(target, mask, eps):
 @torch.no_grad()
 def restore_latents(model, latents, mask_ratio, generator=None):
     """latents [B, C, H, W] -> (restored latents [B, C, H, W], mask [B, L], 1 = masked)."""
-    cfg, L = model.cfg, model.cfg.num_patches
-    num_keep = int(round(L * (1 - mask_ratio)))
-    if not 0 < num_keep <= L:
-        raise ValueError(f"mask ratio {mask_ratio} keeps {num_keep} of {L} latent patches: need 0 <= ratio < 1")
-    with _keeping(model, num_keep):
-        ids_keep, ids_restore, mask = model.random_masking(latents.shape[0], latents.device, generator)
+    cfg = model.cfg
+    ids_keep, ids_restore, mask = model.random_masking(latents.shape[0], latents.device, generator, mask_ratio)
     pred = model.forward_decoder(model.forward_encoder(latents, ids_keep), ids_restore).float()
     target = patchify(latents.float(), cfg.patch_size)
     if cfg.norm_pix:
@@ -114,49 +99,42 @@ def resolve_checkpoint(rdir, checkpoint=None):
 def load_pretrain_model(rdir, checkpoint=None, device="cpu"):
     """-> (USPViT with decoder, its config, vae). Reads <rdir>/config.yaml and a checkpoint's module weights."""
     from usp_fast.artifacts import read_checkpoint
-    from usp_fast.config import load_config
+    from usp_fast.config import PretrainConfig, parse_config
     from usp_fast.errors import UserError
-    from usp_fast.stages.pretrain import PretrainStage
+    from usp_fast.models.usp_vit import build_model_from_config
     from usp_fast.vae import load_vae
 
     cfg_path = Path(rdir) / "config.yaml"
     if not cfg_path.is_file():
         raise UserError(f"{cfg_path} is missing: --run must be a pretrain run directory")
-    cfg = load_config(cfg_path, stage="pretrain")
+    cfg = parse_config(PretrainConfig, cfg_path)
     vae = load_vae(cfg.vae.name, cfg.vae.scale, device=device)
-    latent = {"latent_channels": vae.latent_channels, "latent_size": cfg.data.resolution // vae.downsample}
-    model = PretrainStage(cfg).build_model(latent)
+    model = build_model_from_config(cfg.model, vae.latent_channels, cfg.data.resolution // vae.downsample)
     state, _ = read_checkpoint(resolve_checkpoint(rdir, checkpoint))
     model.load_state_dict(state)
     return model.to(device).eval(), cfg, vae
 
 
-def load_images(paths, resolution):
-    from usp_fast.data.images import center_crop, load_rgb, to_tensor
-
-    return torch.stack([to_tensor(center_crop(load_rgb(p), resolution)) for p in paths])
-
-
-def restore_folder(rdir, images, num=8, mask_ratio=0.75, seed=0, out=None, checkpoint=None, device="auto"):
+def restore_folder(rdir, images, num=8, mask_ratio=None, seed=0, out=None, checkpoint=None, device="auto"):
     """Restoration rows for `num` images of a file or folder, spread evenly over its sorted files (so a folder of
     class subfolders shows several classes, not `num` pictures of the first) -> the PNG path."""
-    from usp_fast.data.images import IMAGE_EXTENSIONS
     from usp_fast.errors import UserError
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     src = Path(images)
-    paths = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = image_files(src)
     if not paths:
         raise UserError(f"images {src}: no images found")
     model, cfg, vae = load_pretrain_model(rdir, checkpoint, device)
+    mask_ratio = cfg.model.mask_ratio if mask_ratio is None else mask_ratio
+    if not 0 <= mask_ratio < 1:
+        raise UserError(f"--mask-ratio {mask_ratio}: expected a fraction in [0, 1)")
     picked = [paths[i * len(paths) // num] for i in range(num)] if len(paths) > num else paths
     batch = load_images(picked, cfg.data.resolution).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     from usp_fast.vae import LatentNorm
 
-    norm_file = Path(rdir) / "latent_norm.json"
-    norm = LatentNorm.from_dict(json.loads(norm_file.read_text())) if norm_file.is_file() else LatentNorm()
-    rows = restore_images(model, vae, batch, mask_ratio, gen, norm)
+    rows = restore_images(model, vae, batch, mask_ratio, gen, LatentNorm.of_run(rdir))
     out = Path(out) if out else Path(rdir) / f"restore_mask{mask_ratio:g}.png"
     save_rows(*rows, out)
     return out

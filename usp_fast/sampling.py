@@ -6,7 +6,7 @@ EMA weights by default, and writes into sample.out_dir:
   samples.npz  uint8 [N, H, W, 3] under 'arr_0': the ADM / guided-diffusion evaluator's FID input
   grid.png     the first sample.grid images
   samples.json what produced them (checkpoint, step, sampler, steps, guidance, seed)
-Samplers: DiT: ddpm (respaced ancestral, 250 steps default) or ddim; SiT: ode-heun, ode-euler or sde
+Samplers: DiT: ddpm (respaced ancestral, 250 steps default) or ddim; SiT: sde, ode-dopri5, ode-heun or ode-euler
 (Euler-Maruyama, last step the mean). Guidance: sample.cfg_scale on the prediction channels (first
 sample.cfg_channels latent channels; the DiT/SiT reference guides 3 of 4); DiT's variance channels are never guided.
 
@@ -33,7 +33,7 @@ from usp_fast.models.dit import DiT
 from usp_fast.pictures import image_grid, save_png, to_uint8
 from usp_fast.seeding import sample_batch_seed
 
-log = logging.getLogger("usp_fast.sample")
+log = logging.getLogger(__name__)
 
 DEFAULT_METHOD = {"ddpm": "ddpm", "linear": "sde"}
 
@@ -88,7 +88,8 @@ def sample_latents(model, objective, scfg, method, k, size, device, x0_range=Non
     else:
         labels = torch.randint(0, cfg.num_classes, (size,), device=device, generator=gen)
     model_fn = guided_model(model, labels, scfg.cfg_scale, cfg.null_class, scfg.cfg_channels)
-    extra = {"eta": scfg.ddim_eta} if method == "ddim" else {"last_step_size": scfg.sde_last_step} if method == "sde" else {}
+    extra = ({"eta": scfg.ddim_eta} if method == "ddim" else {"last_step_size": scfg.sde_last_step} if method == "sde"
+             else {"atol": scfg.ode_atol, "rtol": scfg.ode_rtol} if method == "ode-dopri5" else {})
     if x0_range is not None:
         extra["x0_range"] = tuple(r.to(device) for r in x0_range)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=scfg.precision == "bf16" and device.type == "cuda")
@@ -129,16 +130,17 @@ def ddpm_step(objective, level):
 @torch.no_grad()
 def one_step_x0(model, objective, x0, labels, level, generator):
     """The model's estimate of clean latents `x0` from one noised copy at `level` in (0, 1): DDPM step
-    `ddpm_step(level)`, x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar); SiT time `level`, x0 = x_t - t v."""
+    `ddpm_step(level)`, x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar); SiT time t = 1 - level (t = 1 is data),
+    x1 = x_t + (1 - t) v."""
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     C = x0.shape[1]
     if isinstance(objective, GaussianDiffusion):
         t = torch.full((len(x0),), ddpm_step(objective, level), device=x0.device)
         x_t = objective.q_sample(x0, t, noise)
         return objective.predict_x0_from_eps(x_t, t, model(x_t, t, labels).float()[:, :C])
-    t = torch.full((len(x0),), float(level), device=x0.device)
+    t = torch.full((len(x0),), objective.time_at_noise_level(level), device=x0.device)
     x_t = objective.interpolate(x0, noise, t)
-    return x_t - t.view(-1, 1, 1, 1) * model(x_t, t, labels).float()[:, :C]
+    return objective.data_from_velocity(model(x_t, t, labels).float()[:, :C], x_t, t)
 
 
 def denoise_picture(sampler, folder, out, num=4, levels=NOISE_LEVELS, seed=0):
@@ -195,7 +197,7 @@ class Sampler:
         self.method = DEFAULT_METHOD[self.meta["objective"]] if self.scfg.method == "auto" else self.scfg.method
         self.objective = create_objective(self.meta["objective"], self.model.cfg.learn_sigma)
         self.vae = load_vae(cfg.vae.name, cfg.vae.scale, device=self.device)
-        self.latent_norm = LatentNorm.from_dict(self.meta.get("latent_norm"))  # undone before decoding
+        self.latent_norm = LatentNorm.of(self.meta)  # undone before decoding
         self.x0_range = denoised_range(self.scfg, self.objective, self.vae, self.latent_norm)
         want = (self.meta.get("vae") or {}).get("fingerprint")
         if want and self.vae.identity["fingerprint"] != want:
@@ -223,12 +225,11 @@ class Sampler:
 
     def fill(self, rank=0, world=1):
         """Make global batches rank, rank + world, ... and write them into their rows of samples.npy."""
-        from tqdm import tqdm
+        from usp_fast.progress import progress_bar
 
         n, b = self.scfg.num_images, self.scfg.batch
         images = np.lib.format.open_memmap(self.npy, mode="r+")
-        for k in tqdm(range(rank, self.num_batches, world), desc="sample", unit="batch", disable=rank != 0,
-                      dynamic_ncols=True):
+        for k in progress_bar(range(rank, self.num_batches, world), desc="sample", unit="batch", disable=rank != 0):
             size = min(b, n - k * b)
             latents, _ = sample_latents(self.model, self.objective, self.scfg, self.method, k, size, self.device,
                                         self.x0_range)

@@ -1,4 +1,4 @@
-"""Pretrained USP encoder (usp_fast/export.py artifact) -> DiT/SiT for generation, or -> a ViT classifier for the
+"""Pretrained USP encoder (the export of --stage pretrain, usp_fast.artifacts.save_encoder) -> DiT/SiT for generation, or -> a ViT classifier for the
 understanding stages. Every key is accounted for: a transfer returns a TransferReport with the exact sets of copied,
 ignored and freshly initialised keys, and anything the tables below do not expect is an error.
 
@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .artifacts import load_encoder
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -183,8 +182,8 @@ def transfer_to_dit(model, source, meta, keep_blocks=None, copy_norms=True, pos_
         raise TransferError(f"{what}: the target uses DiT's affine-free LayerNorm, so the ViT's LayerNorm weights "
                             "have nowhere to go; build it with norm_affine=True (USP's variant)")
     if ecfg.get("mlp_act", "gelu") != cfg.mlp_act:
-        log.warning("%s: the encoder's MLPs were trained with %s, the target uses %s", what,
-                    ecfg.get("mlp_act", "gelu"), cfg.mlp_act)
+        log.info("%s: the encoder's MLPs were trained with %s, the target uses %s (as the official USP DiT)", what,
+                 ecfg.get("mlp_act", "gelu"), cfg.mlp_act)
     n_keep = cfg.depth if keep_blocks is None else int(keep_blocks)
     if not 0 <= n_keep <= cfg.depth:
         raise TransferError(f"{what}: keep_blocks={keep_blocks} is outside 0..{cfg.depth}")
@@ -220,13 +219,6 @@ def transfer_to_dit(model, source, meta, keep_blocks=None, copy_norms=True, pos_
         model.reset_block(model.blocks[i])
     _check_shapes_and_copy(target_state, source, plan, report, what)
     return report
-
-
-def transfer_from_export(model, export_path, keep_blocks=None):
-    """load_encoder + transfer_to_dit. -> (report, meta)."""
-    source, meta = load_encoder(export_path)
-    report = transfer_to_dit(model, source, meta, keep_blocks)
-    return report, meta
 
 
 def transfer_to_classifier(model, source, meta):

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 # SD-VAE (kl-f8): 4 latent channels at 1/8 resolution.
@@ -34,8 +36,8 @@ SD_VAE_CONFIG = dict(
 )
 
 
-class VAEError(RuntimeError):
-    pass
+class VAEError(UserError, RuntimeError):
+    """A vae.name that cannot be loaded (missing folder, unknown kind, weights that do not fit): one line."""
 
 
 class LatentVAE(torch.nn.Module):
@@ -262,7 +264,10 @@ class LatentNorm:
         self.std = None if mode == "none" else torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
 
     @classmethod
-    def from_manifest(cls, mode, manifest):
+    def from_manifest(cls, mode, manifest, sample_posterior=False):
+        """The statistics of the latents a run trains on: the manifest's, taken over every stored view; with
+        posterior sampling the trained latents are mean + std * eps, whose variance adds the mean posterior
+        variance."""
         if mode == "none":
             return cls()
         mean, std = manifest.get("latent_mean"), manifest.get("latent_std")
@@ -271,6 +276,8 @@ class LatentNorm:
             raise DataError(f"vae.normalize={mode} needs the per-channel latent statistics of a latent cache "
                             "manifest; this data source has none (use vae.normalize=none with data.source=online)")
         mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        if sample_posterior:
+            std = np.sqrt(std ** 2 + np.asarray(manifest.get("latent_posterior_var", np.zeros_like(std)), np.float64))
         if mode == "scalar":  # pooled over channels: the mean of means, and the std of the pooled distribution
             m = mean.mean()
             mean, std = np.array([m]), np.array([np.sqrt(np.mean(std ** 2 + (mean - m) ** 2))])
@@ -279,6 +286,18 @@ class LatentNorm:
     @classmethod
     def from_dict(cls, d):
         return cls() if not d else cls(d["mode"], d.get("mean"), d.get("std"))
+
+    @classmethod
+    def of(cls, meta):
+        """The normalisation an export or generator records in its meta ('latent_norm'; none when absent)."""
+        return cls.from_dict((meta or {}).get("latent_norm"))
+
+    FILE = "latent_norm.json"  # <run>/latent_norm.json: the run's normalisation, written once by the engine
+
+    @classmethod
+    def of_run(cls, run_dir):
+        path = Path(run_dir) / cls.FILE
+        return cls.from_dict(json.loads(path.read_text())) if path.is_file() else cls()
 
     def as_dict(self):
         if self.mode == "none":

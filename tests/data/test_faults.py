@@ -9,7 +9,8 @@ import pytest
 from conftest import make_cfg
 from usp_fast.data.cache import CacheError, cache_status
 from usp_fast.errors import DataError
-from usp_fast.stages.cache import CacheStage, prepare_data
+from usp_fast.data.prepare import prepare_data
+from usp_fast.stages.cache import CacheStage
 
 
 def _files(d):
@@ -106,7 +107,8 @@ def test_online_source_counts_only_decodable_images(tmp_path, demo_images, corru
 
 
 def test_empty_image_folder_is_refused_before_any_vae_loads(tmp_path, tiny_vae_dir, monkeypatch):
-    from usp_fast.data.images import SourceError, check_data_source
+    from usp_fast.data.images import SourceError
+    from usp_fast.data.prepare import check_data_source
 
     empty = tmp_path / "empty"
     (empty / "train" / "c0").mkdir(parents=True)

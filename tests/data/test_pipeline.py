@@ -14,7 +14,7 @@ from usp_fast.data.images import apply_view, draw_view, list_images, load_rgb, r
 from usp_fast.data.online import OnlineSource
 from usp_fast.data.pipeline import PILDecoder, dali_available, make_decoder
 from usp_fast.data.stream import StreamPlan
-from usp_fast.vae import load_vae
+from usp_fast.vae import LatentNorm, load_vae
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 
@@ -95,7 +95,7 @@ def test_manifest_statistics_are_those_of_the_stored_latents(built_cache):
     n = len(cache)
     mean, _, _ = cache.read(np.arange(n), np.zeros(n, dtype=int))
     m = mean.astype(np.float64)
-    assert manifest["format"] == "usp-fast-latents/2" and manifest["views"] == 1
+    assert manifest["format"] == "usp-fast-latents/3" and manifest["views"] == 1
     assert np.allclose(manifest["latent_mean"], m.mean((0, 2, 3)), atol=2e-3)
     assert np.allclose(manifest["latent_std"], m.std((0, 2, 3)), atol=2e-3)
     assert len(manifest["latent_std"]) == 4 and min(manifest["latent_std"]) > 0
@@ -117,6 +117,20 @@ def test_cache_views_store_random_resized_crops(tmp_path, odd_images, tiny_vae_d
         m, _, _ = cache.read([row], [flip], [2])
         assert np.allclose(m[0], vae.encode(x.flip(-1) if flip else x)[0][0].numpy(), atol=2e-3)
     assert not np.allclose(cache.read([row], [0], [1])[0], cache.read([row], [0], [2])[0])
+    # the latent statistics are those of what trains: every view (not only the centre crop), with the posterior
+    # variance recorded for runs that sample the posterior
+    n = len(cache)
+    reads = [cache.read(np.arange(n), np.zeros(n, dtype=int), np.full(n, v)) for v in range(3)]
+    means = np.concatenate([r[0] for r in reads]).astype(np.float64)
+    var = np.concatenate([r[1] for r in reads]).astype(np.float64) ** 2
+    assert manifest["latent_stats_over"] == "3 views"
+    assert np.allclose(manifest["latent_mean"], means.mean((0, 2, 3)), atol=2e-3)
+    assert not np.allclose(manifest["latent_mean"], reads[0][0].astype(np.float64).mean((0, 2, 3)), atol=1e-4)
+    assert np.allclose(manifest["latent_std"], means.std((0, 2, 3)), atol=2e-3)
+    assert np.allclose(manifest["latent_posterior_var"], var.mean((0, 2, 3)), rtol=1e-2, atol=1e-5)
+    sampled = LatentNorm.from_manifest("channel", manifest, sample_posterior=True)
+    assert np.allclose(sampled.std.flatten().numpy(), np.sqrt(means.std((0, 2, 3)) ** 2 + var.mean((0, 2, 3))),
+                       rtol=2e-3)
     # training draws one of the 3 views per image and epoch
     plan = StreamPlan(4, 0, 4, 4, 1, 0, views=3)
     views = np.concatenate([plan.micro_batch(s, 0)[2] for s in range(30)])

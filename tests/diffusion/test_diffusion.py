@@ -168,9 +168,10 @@ def _exact_model(spaced, full):
 
 
 def _exact_velocity(x, t):
+    """E[x1 - eps | x_t] for x1 ~ N(M, S^2), x_t = t x1 + (1 - t) eps (SiT's convention: t = 1 is data)."""
     t = t.view(-1, 1, 1, 1).float()
-    var = (1 - t) ** 2 * S**2 + t**2
-    return -M + (t - (1 - t) * S**2) * (x - (1 - t) * M) / var
+    var = t**2 * S**2 + (1 - t) ** 2
+    return M + (t * S**2 - (1 - t)) * (x - t * M) / var
 
 
 def test_ddpm_and_ddim_sample_the_gaussian(diffusion):
@@ -208,32 +209,61 @@ def test_clipped_sampling_clamps_x0_and_keeps_samples_in_range(diffusion):
 
 
 def test_interpolant_and_velocity_closed_forms():
+    """SiT's convention (transport/path.py ICPlan): x_t = t x1 + (1 - t) x0 with x0 the noise, so t = 0 is noise
+    and t = 1 data, and the velocity target is x1 - x0."""
     path = LinearInterpolant()
     g = torch.Generator().manual_seed(9)
-    x0, eps = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
-    torch.testing.assert_close(path.interpolate(x0, eps, torch.zeros(3)), x0)
-    torch.testing.assert_close(path.interpolate(x0, eps, torch.ones(3)), eps)
+    x1, eps = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    torch.testing.assert_close(path.interpolate(x1, eps, torch.zeros(3)), eps)
+    torch.testing.assert_close(path.interpolate(x1, eps, torch.ones(3)), x1)
+    torch.testing.assert_close(path.velocity_target(x1, eps), x1 - eps)
     t = torch.tensor([0.1, 0.5, 0.9], requires_grad=True)
-    xt = path.interpolate(x0, eps, t)
-    torch.testing.assert_close(xt, (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps)
-    dxdt = torch.autograd.functional.jacobian(lambda tt: path.interpolate(x0, eps, tt).sum(dim=(1, 2, 3)), t.detach())
-    torch.testing.assert_close(torch.diagonal(dxdt), path.velocity_target(x0, eps).sum(dim=(1, 2, 3)))
-    # score from velocity on a Gaussian: s = -(x - (1-t) M) / ((1-t)^2 S^2 + t^2)
-    x, tt = torch.randn(5, 1, 1, 1, generator=g), torch.tensor([0.05, 0.3, 0.5, 0.8, 1.0])
-    want = -(x - (1 - tt.view(-1, 1, 1, 1)) * M) / ((1 - tt.view(-1, 1, 1, 1)) ** 2 * S**2 + tt.view(-1, 1, 1, 1) ** 2)
+    xt = path.interpolate(x1, eps, t)
+    torch.testing.assert_close(xt, t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * eps)
+    dxdt = torch.autograd.functional.jacobian(lambda tt: path.interpolate(x1, eps, tt).sum(dim=(1, 2, 3)), t.detach())
+    torch.testing.assert_close(torch.diagonal(dxdt), path.velocity_target(x1, eps).sum(dim=(1, 2, 3)))
+    torch.testing.assert_close(path.data_from_velocity(x1 - eps, xt.detach(), t.detach()), x1)
+    # score from velocity on a Gaussian: s = -(x - t M) / (t^2 S^2 + (1-t)^2)
+    x, tt = torch.randn(5, 1, 1, 1, generator=g), torch.tensor([0.0, 0.2, 0.5, 0.7, 0.95])
+    want = -(x - tt.view(-1, 1, 1, 1) * M) / (tt.view(-1, 1, 1, 1) ** 2 * S**2 + (1 - tt.view(-1, 1, 1, 1)) ** 2)
     torch.testing.assert_close(path.score_from_velocity(_exact_velocity(x, tt), x, tt), want)
+    assert path.time_at_noise_level(0.25) == 0.75
 
 
 def test_sit_samplers_reproduce_the_gaussian():
     path = LinearInterpolant()
     noise = torch.randn(4000, 1, 1, 1, generator=torch.Generator().manual_seed(10))
     exact = M + S * noise  # the ODE's flow map for Gaussian marginals
-    euler = path.sample(_exact_velocity, noise, "ode-euler", 20)
-    heun = path.sample(_exact_velocity, noise, "ode-heun", 20)
+    euler = path.sample(_exact_velocity, noise, "ode-euler", 21)
+    heun = path.sample(_exact_velocity, noise, "ode-heun", 21)
+    dopri5 = path.sample(_exact_velocity, noise, "ode-dopri5", 2)
     err_euler, err_heun = (euler - exact).abs().max(), (heun - exact).abs().max()
     assert err_heun < 2e-3 and err_heun < err_euler / 5
+    assert (dopri5 - exact).abs().mean() < 2e-3  # SiT's default solver at its default tolerances (rtol 1e-3)
+    tight = path.sample(_exact_velocity, noise, "ode-dopri5", 2, atol=1e-9, rtol=1e-9)
+    assert (tight - exact).abs().max() < 1e-5  # the tolerances reach the solver
     sde = path.sample(_exact_velocity, noise, "sde", 100, torch.Generator().manual_seed(11))
     assert abs(sde.mean() - M) < 0.04 and abs(sde.std() - S) < 0.04
+
+
+def test_sit_step_counts_are_the_official_num_steps():
+    """SiT's samplers lay linspace(t0, t1, num_steps): a fixed-grid ODE takes num_steps - 1 steps, the SDE
+    num_steps - 1 Euler-Maruyama steps on [0, 1 - last_step_size] plus the mean-only last step."""
+    path = LinearInterpolant()
+    seen = []
+
+    def velocity(x, t):
+        seen.append(float(t[0]))
+        return _exact_velocity(x, t)
+
+    noise = torch.randn(8, 1, 1, 1, generator=torch.Generator().manual_seed(1))
+    path.sample(velocity, noise, "ode-euler", 5)
+    assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    seen.clear()
+    path.sample(velocity, noise, "sde", 5, torch.Generator().manual_seed(2), last_step_size=0.04)
+    assert seen == pytest.approx([0.0, 0.24, 0.48, 0.72, 0.96])
+    with pytest.raises(ValueError, match="grid points"):
+        path.sample(velocity, noise, "ode-euler", 1)
 
 
 def test_samplers_are_deterministic_per_seed_and_finite(diffusion):

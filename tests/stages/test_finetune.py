@@ -11,6 +11,7 @@ from usp_fast.artifacts import save_encoder
 from usp_fast.stages.finetune import FinetuneStage, load_cache_latents, top_k
 from usp_fast.models.usp_vit import build_model
 from usp_fast.vae import load_vae
+from usp_fast.vae import LatentNorm
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_finetune_raises_accuracy_and_saves_classifier(tmp_path, demo_images, ti
     latents, labels = load_cache_latents(val, cfg)
     before = top_k(trainer.engine.module, latents, labels)["top1"]
     result = trainer.train()
-    assert result["top1"] >= before + 0.3 and result["top1"] >= 0.5, (before, result)
+    assert result["top1"] >= before + 30 and result["top1"] >= 50, (before, result)  # percent
     losses = [r["loss"] for r in _rows(cfg)]
     assert losses[-1] < 0.8 * losses[0], losses
     saved = load_file(result["classifier"])
@@ -116,7 +117,7 @@ def test_randaug_changes_pixels_deterministically_and_forces_pil(tmp_path, demo_
 def test_mixup_is_a_function_of_the_step_seed(tmp_path, demo_images, tiny_vae_dir, export):
     cfg = _cfg(tmp_path, demo_images, tiny_vae_dir, export)  # mixup 0.8, cutmix 1.0, smoothing 0.1
     task = FinetuneStage(cfg)
-    task.build_model({"num_classes": 11, "latent_size": RESOLUTION // 8, "vae": None})
+    task.build_model({"num_classes": 11, "latent_size": RESOLUTION // 8, "vae": None}, LatentNorm())
     x, y = torch.randn(8, 4, 8, 8), torch.arange(8)
     mixed = [task._mix(x.clone(), y, torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
     assert torch.equal(mixed[0][0], mixed[1][0]) and torch.equal(mixed[0][1], mixed[1][1])

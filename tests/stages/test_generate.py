@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import gen_cfg
-from usp_fast.config import load_config
+from usp_fast.stages import load_config
 from usp_fast.diffusion import create_objective
 from usp_fast.errors import UserError
 from usp_fast.artifacts import complete_checkpoints, save_encoder
@@ -16,6 +16,7 @@ from usp_fast.stages.generate import GenerateStage
 from usp_fast.models.usp_vit import build_model as build_vit
 from usp_fast.sampling import load_generator
 from usp_fast.transfer import BLOCK_PARAMS
+from usp_fast.vae import LatentNorm
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,7 +57,7 @@ def test_tiny_generate_run_from_usp_init_lowers_its_loss(tmp_path, built_cache, 
     ckpt = complete_checkpoints(run_dir / "checkpoints")[-1][1]
     from_ckpt, _ = load_generator(ckpt, use_ema=True)
     assert meta["step"] == 40 and meta["objective"] == "ddpm" and meta["config"]["norm_affine"] is True
-    assert meta["config"]["mlp_act"] == "gelu"  # followed the export's activation
+    assert meta["config"]["mlp_act"] == "gelu_tanh"  # the official USP DiT: tanh-GELU whatever the export used
     for (k, a), b in zip(final.state_dict().items(), from_ckpt.state_dict().values()):
         assert torch.equal(a, b), k
     raw, _ = load_generator(result["generator"], use_ema=False)
@@ -113,10 +114,10 @@ def test_generate_config_checks(tmp_path, built_cache, usp_export):
     other["vae"]["fingerprint"] = "0" * 16
     task = GenerateStage(gen_cfg(tmp_path, built_cache, f"generate.init=usp:{usp_export}"))
     with pytest.raises(ValueError, match="same latent space"):
-        task.build_model(other)
+        task.build_model(other, LatentNorm())
     # SiT defaults: linear objective, C outputs; random init keeps DiT's affine-free LayerNorm and tanh-GELU
     task = GenerateStage(gen_cfg(tmp_path, built_cache, "model.name=SiT-Test/2"))
-    model = task.build_model(manifest)
+    model = task.build_model(manifest, LatentNorm())
     assert task.objective_name == "linear" and model.cfg.out_channels == 4
     assert model.blocks[0].norm1.weight is None and model.cfg.mlp_act == "gelu_tanh"
     # after_step is the EMA update (decay 0.9 in gen_cfg), and its state round-trips through the checkpoint hooks

@@ -70,7 +70,7 @@ def test_training_refuses_missing_or_mismatched_cache(tmp_path, built_cache, tin
 
 
 def test_lr_schedule_warmup_then_half_cosine():
-    from usp_fast.config import load_config
+    from usp_fast.stages import load_config
     cfg = load_config(None, ["optim.warmup_epochs=2", "optim.min_lr=0.1"])
     spe, total, base = 10.0, 100, 1.0
     assert lr_at(0, cfg, spe, total, base) == 0.0
@@ -81,7 +81,7 @@ def test_lr_schedule_warmup_then_half_cosine():
 
 
 def test_lr_schedule_warmup_steps_overrides_warmup_epochs():
-    from usp_fast.config import load_config
+    from usp_fast.stages import load_config
     cfg = load_config(None, ["optim.warmup_epochs=2", "optim.warmup_steps=5", "optim.min_lr=0.1"])
     spe, total, base = 10.0, 105, 1.0
     assert lr_at(0, cfg, spe, total, base) == 0.0

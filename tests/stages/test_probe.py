@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import RESOLUTION
-from usp_fast.config import load_config
+from usp_fast.stages import load_config
 from usp_fast.artifacts import save_encoder
 from usp_fast.models.usp_vit import build_model
 from usp_fast.cli import main as cli_main

@@ -5,7 +5,8 @@ Layout of a cache directory:
                     view 0 is the ADM centre crop; views 1..cache.views are RandomResizedCrops drawn from
                     (seed, view, image index), so the cached path keeps crop augmentation
   shard_00000.json  {"indices": image indices stored, "labels": [...], "skipped": [{"path", "error"}],
-                     "stats": per-channel sums of the centre-crop posterior means}
+                     "stats": per-channel count, sums of the posterior means and their squares, and sums of
+                     the posterior variances, over every stored view (the latents that train)}
   build.json        written first: the settings the shards are built with; a later build into the folder
                     (resumed or repeated) must match them, and the manifest (see `check_cache_settings`)
   manifest.json     written last, once every shard exists: what was encoded and how (see `expected_fields`),
@@ -20,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..errors import DataError
 from ..io import atomic_path, atomic_write_text
+from ..progress import progress_bar
 from .images import draw_view, image_list_hash, list_images
 from .pipeline import make_decoder
 
 log = logging.getLogger(__name__)
 
-FORMAT = "usp-fast-latents/2"
+FORMAT = "usp-fast-latents/3"  # 3: statistics over every view, with posterior variances
 CROP_POLICY = "adm-center"
 
 
@@ -77,7 +78,7 @@ def build_cache(cfg, vae, device, rank=0, world_size=1, barrier=None):
              cache_dir, len(items), num_shards, rank, len(mine), todo, num_shards - len(mine) * world_size)
     dtype = np.dtype(cfg.cache.dtype)
     decoder = make_decoder(cfg.data.decoder, device, cfg.vae.encode_batch, cfg.data.num_workers, cfg.data.max_pixels)
-    bar = tqdm(total=todo, desc=f"cache r{rank}", unit="img", disable=rank != 0, dynamic_ncols=True)
+    bar = progress_bar(total=todo, desc=f"cache r{rank}", unit="img", disable=rank != 0)
     start = time.time()
     for shard in mine:
         lo, hi = shard * shard_size, min((shard + 1) * shard_size, len(items))
@@ -178,7 +179,7 @@ def _build_shard(cache_dir, shard, items, lo, hi, res, vae, decoder, dtype, cfg,
     C, h, V = vae.latent_channels, res // vae.downsample, 1 + cfg.cache.views
     out = np.empty((hi - lo, 2, V, 2, C, h, h), dtype=dtype)
     kept, labels, skipped = [], [], []
-    stats = np.zeros((3, C))  # per channel: count, sum, sum of squares (float64)
+    stats = np.zeros((4, C))  # per channel: count, sum, sum of squares of the means, sum of variances (float64)
     makers = _shard_views(cfg, res)
     for b0 in range(lo, hi, cfg.vae.encode_batch):
         batch = list(range(b0, min(b0 + cfg.vae.encode_batch, hi)))
@@ -203,10 +204,10 @@ def _build_shard(cache_dir, shard, items, lo, hi, res, vae, decoder, dtype, cfg,
                 mean, std = vae.encode(torch.cat([x, x.flip(-1)]))
                 out[row, 0, v] = torch.stack([mean[:n], mean[n:]], 1).float().cpu().numpy().astype(dtype)
                 out[row, 1, v] = torch.stack([std[:n], std[n:]], 1).float().cpu().numpy().astype(dtype)
-                if v == 0:
-                    m = mean[:n].double()
-                    stats += torch.stack([torch.full((C,), m[:, 0].numel(), dtype=torch.float64, device=m.device),
-                                          m.sum((0, 2, 3)), m.pow(2).sum((0, 2, 3))]).cpu().numpy()
+                # every view trains (a flip leaves per-channel statistics unchanged), so every view counts
+                m, var = mean[:n].double(), std[:n].double().pow(2)
+                stats += torch.stack([torch.full((C,), m[:, 0].numel(), dtype=torch.float64, device=m.device),
+                                      m.sum((0, 2, 3)), m.pow(2).sum((0, 2, 3)), var.sum((0, 2, 3))]).cpu().numpy()
             kept += [i for i, g in zip(batch, good) if g]
             labels += [int(items[i][1]) for i, g in zip(batch, good) if g]
         bar.update(len(batch))
@@ -219,10 +220,12 @@ def _build_shard(cache_dir, shard, items, lo, hi, res, vae, decoder, dtype, cfg,
 
 
 def latent_stats(stats):
-    """Summed (count, sum, sum of squares) per channel -> (mean, std) lists."""
-    count, s1, s2 = np.asarray(stats)
-    mean = s1 / np.maximum(count, 1)
-    return mean.tolist(), np.sqrt(np.maximum(s2 / np.maximum(count, 1) - mean ** 2, 0)).tolist()
+    """Summed (count, sum, sum of squares, sum of posterior variances) per channel -> (mean, std of the posterior
+    means, mean posterior variance) lists."""
+    count, s1, s2, sv = np.asarray(stats)
+    count = np.maximum(count, 1)
+    mean = s1 / count
+    return mean.tolist(), np.sqrt(np.maximum(s2 / count - mean ** 2, 0)).tolist(), (sv / count).tolist()
 
 
 def _write_manifest(cache_dir, cfg, vae, items, classes, num_shards, list_hash):
@@ -239,13 +242,14 @@ def _write_manifest(cache_dir, cfg, vae, items, classes, num_shards, list_hash):
     if count == 0:
         raise CacheError(f"{cache_dir}: every image failed to decode ({len(skipped)} skipped)")
     res = cfg.data.resolution
-    mean, std = latent_stats(stats)
+    mean, std, posterior_var = latent_stats(stats)
     manifest = {
         "format": FORMAT, "count": count, "num_images": len(items), "skipped": skipped,
         "layout": "[n, (mean, std), view, (plain, flipped), C, h, w]", "dtype": cfg.cache.dtype,
         "latent_channels": vae.latent_channels, "latent_size": res // vae.downsample, "resolution": res,
         "crop": CROP_POLICY, "flip": True, "views": 1 + cfg.cache.views, "crop_scale": list(cfg.data.crop_scale),
         "vae": vae.identity, "image_list_sha256": list_hash, "latent_mean": mean, "latent_std": std,
+        "latent_posterior_var": posterior_var, "latent_stats_over": f"{1 + cfg.cache.views} views",
         "num_classes": len(classes), "class_names": classes, "shards": shards,
     }
     atomic_write_text(cache_dir / "manifest.json", json.dumps(manifest, indent=1))

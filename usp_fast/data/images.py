@@ -31,25 +31,6 @@ class SourceError(DataError):
     pass
 
 
-def check_data_source(data, need_images, vae_name=None):
-    """Fail fast, before any VAE or model loads, on a data source that cannot work: with `need_images` the image
-    list must be non-empty (demo folders are made later, so they pass); else a complete latent cache must exist."""
-    from .cache import cache_status, default_cache_dir_for
-
-    if data.demo_images:
-        return
-    if need_images:
-        list_images(data.root, data.file_list)
-        return
-    if data.root is None and data.file_list is None and data.cache_dir is None:
-        raise SourceError("data: set data.cache_dir (a latent cache) or data.root / data.file_list (images)")
-    cache_dir = default_cache_dir_for(data, vae_name)
-    status = cache_status(cache_dir)
-    if status != "complete":
-        raise SourceError(f"latent cache {cache_dir} is {status}: build it with --stage cache (same config), or set "
-                          "data.auto_cache=true")
-
-
 def list_images(root=None, file_list=None):
     """-> (items [(path, label)], class_names). `root` may hold `train/` or be the class-directory level."""
     if (root is None) == (file_list is None):
@@ -201,13 +182,14 @@ def draw_view(seed, epoch, index, width, height, size, crop="rrc", scale=(0.2, 1
 
 
 def apply_view(image, view):
-    """PIL image -> uint8 HWC array: the view's window resized (bilinear, antialiased) or the ADM centre crop."""
+    """PIL image -> uint8 HWC array: the view's window resized (bicubic, antialiased: torchvision's
+    RandomResizedCrop with interpolation=3, as the official USP/MAE pretraining) or the ADM centre crop."""
     if view.window is None:
         arr = center_crop(image, view.size)
     else:
         top, left, h, w = view.window
         # crop first: the resize filter must not reach outside the window (DALI slices before resizing)
-        arr = np.asarray(image.crop((left, top, left + w, top + h)).resize((view.size, view.size), Image.BILINEAR))
+        arr = np.asarray(image.crop((left, top, left + w, top + h)).resize((view.size, view.size), Image.BICUBIC))
     if view.augment is not None:
         arr = np.asarray(view.augment(Image.fromarray(arr)))
     return np.ascontiguousarray(arr[:, ::-1]) if view.flip else arr
@@ -223,6 +205,19 @@ def adm_window(width, height, size):
     w2, h2 = round(w * scale), round(h * scale)
     sy, sx = f * h / h2, f * w / w2
     return (h2 - size) // 2 * sy, (w2 - size) // 2 * sx, size * sy, size * sx
+
+
+def image_files(path):
+    """An image file -> [it]; a folder -> its image files, searched recursively, in sorted order."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def load_images(paths, resolution):
+    """Image files -> their ADM centre crops, a float batch [n, 3, R, R] in [-1, 1]."""
+    return torch.stack([to_tensor(center_crop(load_rgb(p), resolution)) for p in paths])
 
 
 def to_tensor(arr):

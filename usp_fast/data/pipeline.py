@@ -121,10 +121,10 @@ class DALIDecoder:
                 img = fn.decoders.image(data, **dec)
                 img = fn.resize(img, size=[size, size], roi_start=start, roi_end=start + shape, roi_relative=False,
                                 antialias=True, interp_type=types.INTERP_CUBIC)
-            else:  # RandomResizedCrop: decode only the window (ROI decode), bilinear resize (as torchvision)
+            else:  # RandomResizedCrop: decode only the window (ROI decode), bicubic resize (official: interpolation=3)
                 img = fn.decoders.image_slice(data, start, shape, axis_names="HW", normalized_anchor=False,
                                               normalized_shape=False, **dec)
-                img = fn.resize(img, size=[size, size], antialias=True, interp_type=types.INTERP_LINEAR)
+                img = fn.resize(img, size=[size, size], antialias=True, interp_type=types.INTERP_CUBIC)
             return fn.crop_mirror_normalize(img, mirror=mirror, mean=[127.5] * 3, std=[127.5] * 3,
                                             output_layout="CHW", dtype=types.FLOAT)
 

@@ -1,10 +1,12 @@
 """The deterministic training stream over a latent cache.
 
-Epochs are laid end to end as one stream of sample positions: epoch e is a permutation of all N samples drawn
-from (seed, e). Optimizer step s consumes positions [s*G, (s+1)*G) (G = global batch); within a step, micro-step
-m of rank r takes the b positions starting at s*G + m*W*b + r*b. So every sample is seen exactly once per epoch
-on any number of ranks, batch sizes never change, an optimizer step may straddle two epochs, and resuming at
-step s needs nothing but s. The flip (plain or mirrored) of each sample, and which of a cache's V stored crop
+Epoch e is a permutation of all N samples drawn from (seed, e). With drop_last (train.drop_last, the official
+recipe's DataLoader(drop_last=True)) an epoch is floor(N / G) optimizer steps (G = global batch): step s is step
+s mod floor(N/G) of epoch s // floor(N/G) and takes that epoch's positions [k*G, (k+1)*G); the last N mod G samples
+of each permutation are not seen that epoch. Without it, epochs are laid end to end as one stream of positions:
+step s consumes [s*G, (s+1)*G), every sample is seen exactly once per epoch and a step may straddle two epochs.
+Within a step, micro-step m of rank r takes the b positions starting at m*W*b + r*b. Batch sizes never change on
+any number of ranks, and resuming at step s needs nothing but s. The flip (plain or mirrored) of each sample, and which of a cache's V stored crop
 views it uses, are also drawn from (seed, e). The online path draws its crop window from (seed, e, index).
 """
 import numpy as np
@@ -14,13 +16,21 @@ from ..seeding import epoch_rng
 
 
 class StreamPlan:
-    def __init__(self, num_samples, seed, global_batch, micro_batch, world_size, rank, flip=True, views=1):
+    def __init__(self, num_samples, seed, global_batch, micro_batch, world_size, rank, flip=True, views=1,
+                 drop_last=False):
         if global_batch % (micro_batch * world_size):
             raise ValueError(f"train.global_batch {global_batch} must be a multiple of train.micro_batch "
                              f"{micro_batch} x {world_size} ranks")
-        self.n, self.seed, self.flip, self.views = num_samples, seed, flip, views
+        if drop_last and num_samples < global_batch:
+            from ..errors import ConfigError
+            raise ConfigError(f"train.drop_last: the data has {num_samples} samples, fewer than one global batch "
+                              f"({global_batch}), so an epoch has no step; lower train.global_batch or set "
+                              "train.drop_last=false")
+        self.n, self.seed, self.flip, self.views, self.drop_last = num_samples, seed, flip, views, drop_last
         self.G, self.b, self.W, self.rank = global_batch, micro_batch, world_size, rank
         self.accum = global_batch // (micro_batch * world_size)
+        # optimizer steps per epoch: an integer with drop_last (as len(DataLoader)), else fractional
+        self.steps_per_epoch = num_samples // global_batch if drop_last else num_samples / global_batch
         self._epoch, self._tables = None, None
 
     def _epoch_tables(self, epoch):
@@ -35,8 +45,12 @@ class StreamPlan:
 
     def micro_batch(self, step, micro):
         """-> (sample indices, flip bits, view ids, epochs) for this rank's micro-step `micro` of step `step`."""
-        start = step * self.G + micro * self.W * self.b + self.rank * self.b
-        pos = np.arange(start, start + self.b)
+        offset = micro * self.W * self.b + self.rank * self.b
+        if self.drop_last:  # within epoch step // spe: positions [k*G, (k+1)*G) of its permutation
+            epoch, k = divmod(step, self.steps_per_epoch)
+            pos = epoch * self.n + k * self.G + offset + np.arange(self.b)
+        else:
+            pos = step * self.G + offset + np.arange(self.b)
         epochs = pos // self.n
         idx, flips, views = (np.empty(self.b, dtype=np.int64) for _ in range(3))
         for e in np.unique(epochs):

@@ -1,15 +1,15 @@
 """Diffusion objectives and samplers for the generate stage.
 
 DiT: `GaussianDiffusion` (DDPM, 1000 linear betas, epsilon + learned variance, hybrid loss; DDPM/DDIM sampling on
-respaced steps). SiT: `LinearInterpolant` (x_t = (1-t) x0 + t eps, velocity target; ODE Euler/Heun, SDE
-Euler-Maruyama). `guided_model` wraps a model with classifier-free guidance for either sampler.
+respaced steps). SiT: `LinearInterpolant` (SiT's convention: x_t = t x1 + (1-t) eps, t = 1 data, velocity target;
+ODE Euler/Heun/dopri5 through torchdiffeq, SDE Euler-Maruyama). `guided_model` wraps a model with classifier-free guidance for either sampler.
 """
 from .gaussian import GaussianDiffusion, linear_betas, space_timesteps
 from .guidance import guided_model
 from .interpolant import LinearInterpolant
 
 OBJECTIVES = ("ddpm", "linear")
-SAMPLERS = {"ddpm": ("ddpm", "ddim"), "linear": ("ode-heun", "ode-euler", "sde")}
+SAMPLERS = {"ddpm": ("ddpm", "ddim"), "linear": ("ode-heun", "ode-euler", "ode-dopri5", "sde")}
 
 
 def default_objective(family):

@@ -1,6 +1,6 @@
 """ADM's generation metrics on TF-Inception features, through torch-fidelity where it has the metric.
 
-  FID        Frechet distance of 2048-d pool3 features (torch-fidelity's `fid_statistics_to_metric`)
+  FID        Frechet distance of 2048-d pool3 features (computed here in float64, see `frechet`)
   sFID       the same distance on the 2023-d spatial features (first 7 channels of mixed_6/conv)
   IS         exp(E KL(p(y|x) || p(y))) over the 1008 unbiased logits, 10 splits in order, as ADM (no shuffle)
   precision  improved precision/recall (k = 3 nearest neighbours on pool features; torch-fidelity's PRC)
@@ -8,8 +8,12 @@
 
 Images are uint8 [N, H, W, 3]: an ADM-format .npz ('arr_0') or a folder of image files. Inception resizes them
 to 299 with TF1's bilinear rule inside torch-fidelity's extractor, as ADM's evaluator feeds the TF graph.
-Reference statistics (an .npz of images or of ADM's mu/sigma/mu_s/sigma_s, or a folder) are computed once and
-cached under <cache>/refs/, keyed by the files' names, sizes and times and by the Inception weights.
+
+The reference follows ADM's evaluator: an .npz's stored 'mu'/'sigma' ('mu_s'/'sigma_s') decide FID (sFID), and
+its images, if any, serve only precision/recall (a reference batch's stored statistics cover the whole dataset,
+its 10k images do not). Without stored statistics (a folder, an images-only .npz) they come from the images.
+Image features are computed once and cached under <cache>/refs/, keyed by the files' names, sizes and times and
+by the Inception weights. See docs/evaluation.md.
 """
 import hashlib
 import json
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
@@ -41,7 +45,7 @@ class EvalError(UserError, ValueError):
 
 # ---- image sources ----
 def open_npz_array(path, key="arr_0"):
-    """`key` of an .npz, memory-mapped when stored uncompressed (as usp_fast/sample.py and ADM write it: 50k
+    """`key` of an .npz, memory-mapped when stored uncompressed (as usp_fast/sampling.py and ADM write it: 50k
     samples at 256 px are ~10 GB), else read into memory."""
     import struct
     import zipfile
@@ -64,6 +68,14 @@ def open_npz_array(path, key="arr_0"):
         return z[key]
 
 
+def npz_keys(path):
+    try:
+        with np.load(path) as z:
+            return list(z.files)
+    except (OSError, ValueError) as e:  # not a zip, truncated, pickled
+        raise EvalError(f"{path}: not a readable .npz ({e})") from e
+
+
 class ImageSource:
     """uint8 images [N, H, W, 3] from an ADM-format .npz ('arr_0') or a folder of image files (recursive)."""
 
@@ -75,9 +87,9 @@ class ImageSource:
             if not self.files:
                 raise EvalError(f"{self.path}: no images found (extensions {sorted(IMAGE_EXTENSIONS)})")
         elif self.path.suffix == ".npz" and self.path.is_file():
-            with np.load(self.path) as z:
-                if "arr_0" not in z.files:
-                    raise EvalError(f"{self.path}: no 'arr_0' array of images (keys: {z.files})")
+            keys = npz_keys(self.path)
+            if "arr_0" not in keys:
+                raise EvalError(f"{self.path}: no 'arr_0' array of images (keys: {keys})")
             self.array = a = open_npz_array(self.path)
             if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8:
                 raise EvalError(f"{self.path}: 'arr_0' must be uint8 [N, H, W, 3], got {a.dtype} {list(a.shape)}")
@@ -115,14 +127,14 @@ class ImageSource:
 # ---- features ----
 def extract_features(source, extractor, batch_size=50, device="cpu", progress=False):
     """-> {feature name: float32 tensor [N, d]} for every feature the extractor produces."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     import time
 
     names = extractor.get_requested_features_list()
     parts = {k: [] for k in names}
     start, done = time.time(), 0
-    with torch.no_grad(), tqdm(total=len(source), unit="img", desc="inception", disable=not progress) as bar:
+    with torch.no_grad(), progress_bar(total=len(source), unit="img", desc="inception", disable=not progress) as bar:
         for batch in source.batches(batch_size):
             for k, v in zip(names, extractor(batch.to(device))):
                 parts[k].append(v.float().cpu())
@@ -136,30 +148,60 @@ def extract_features(source, extractor, batch_size=50, device="cpu", progress=Fa
 
 
 def statistics(features):
-    """Pool and spatial Gaussian statistics (mu, sigma as float64), pool features kept for precision/recall."""
+    """Pool and spatial Gaussian statistics (mu in the features' float32, sigma float64 as np.cov makes it), pool
+    features kept for precision/recall."""
     pool, spatial = fid_features_to_statistics(features[POOL]), fid_features_to_statistics(features[SPATIAL])
     return {"mu": pool["mu"], "sigma": pool["sigma"], "mu_s": spatial["mu"], "sigma_s": spatial["sigma"],
             "pool": features[POOL].numpy().astype(np.float32), "count": np.int64(len(features[POOL]))}
 
 
-def reference_statistics(path, extractor, weights_id, cache_dir=None, batch_size=50, device="cpu", progress=False):
-    """Statistics of the reference set, from the cache when it has them. Returns (stats dict, info dict).
+STAT_PAIRS = {"mu": ("sigma", POOL, "pool"), "mu_s": ("sigma_s", SPATIAL, "spatial")}  # mean -> cov, feature, label
 
-    An .npz without 'arr_0' but with ADM's 'mu', 'sigma' (and 'mu_s', 'sigma_s') is used as it is: FID (and
-    sFID) only, since precision/recall need the reference features."""
-    path = Path(path)
-    if path.suffix == ".npz" and path.is_file():
-        with np.load(path) as z:
-            if "arr_0" not in z.files:
-                if not {"mu", "sigma"} <= set(z.files):
-                    raise EvalError(f"reference {path}: expected 'arr_0' images or 'mu'/'sigma' statistics, "
-                                    f"found keys {z.files}")
-                stats = {k: z[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files}
-                return stats, {"source": str(path), "kind": "precomputed statistics"}
+
+def stored_statistics(path, dims=None):
+    """ADM's stored 'mu'/'sigma' (and 'mu_s'/'sigma_s') of an .npz, in their stored dtype, checked ({} when it has
+    none). `dims` ({feature: width}, from the extractor) catches statistics of some other network."""
+    keys = npz_keys(path)
+    stored = {}
+    with np.load(path) as z:
+        for m, (s, feature, label) in STAT_PAIRS.items():
+            if m not in keys and s not in keys:
+                continue
+            if m not in keys or s not in keys:
+                have, lack = (m, s) if m in keys else (s, m)
+                raise EvalError(f"reference {path}: has '{have}' but no '{lack}'; stored statistics need both")
+            mu, sigma = z[m], z[s]
+            if mu.ndim != 1 or not np.issubdtype(mu.dtype, np.floating):
+                raise EvalError(f"reference {path}: '{m}' must be a 1-d float vector, got {mu.dtype} {list(mu.shape)}")
+            d = len(mu)
+            if sigma.shape != (d, d) or not np.issubdtype(sigma.dtype, np.floating):
+                raise EvalError(f"reference {path}: '{s}' must be a square {d} x {d} float matrix (as '{m}' is "
+                                f"{d}-d), got {sigma.dtype} {list(sigma.shape)}")
+            if dims and feature in dims and d != dims[feature]:
+                raise EvalError(f"reference {path}: '{m}' is {d}-d but this Inception's {label} features are "
+                                f"{dims[feature]}-d: statistics of another feature extractor?")
+            for k, a in ((m, mu), (s, sigma)):
+                if not np.isfinite(a).all():
+                    raise EvalError(f"reference {path}: '{k}' has {int((~np.isfinite(a)).sum())} non-finite values")
+            stored[m], stored[s] = mu, sigma
+    if stored and "mu" not in stored:
+        raise EvalError(f"reference {path}: has 'mu_s'/'sigma_s' but no 'mu'/'sigma'; FID needs the pool statistics")
+    return stored
+
+
+def feature_dims(extractor, device="cpu"):
+    """{feature name: width}, from one forward of a blank image (the extractor resizes any size to 299)."""
+    with torch.no_grad():
+        out = extractor(torch.zeros(1, 3, 64, 64, dtype=torch.uint8, device=device))
+    return {k: v.shape[-1] for k, v in zip(extractor.get_requested_features_list(), out)}
+
+
+def image_statistics(path, extractor, weights_id, cache_dir=None, batch_size=50, device="cpu", progress=False):
+    """Statistics and pool features of the images at `path`, from the cache when it has them. -> (stats, info)."""
     source = ImageSource(path)
     key = hashlib.sha256(f"{STATS_VERSION}|{weights_id}|{source.fingerprint()}".encode()).hexdigest()[:24]
     cached = Path(cache_dir or default_cache_dir()) / "refs" / f"{key}.npz"
-    info = {"source": str(path), "kind": "images", "count": len(source), "cache": str(cached)}
+    info = {"count": len(source), "cache": str(cached)}
     if cached.is_file():
         with np.load(cached) as z:
             log.info("reference statistics from cache %s", cached)
@@ -173,10 +215,57 @@ def reference_statistics(path, extractor, weights_id, cache_dir=None, batch_size
     return stats, info | {"cached": False}
 
 
+def reference_statistics(path, extractor, weights_id, cache_dir=None, batch_size=50, device="cpu", progress=False):
+    """Statistics of the reference set. Returns (stats dict, info dict); info records which statistics decide FID
+    and sFID ('stored' or 'computed from images') and where precision/recall's features came from.
+
+    ADM's rule: an .npz's stored 'mu'/'sigma' ('mu_s'/'sigma_s') win over its images ('arr_0'), which then only
+    give the pool features for precision/recall. An .npz of statistics alone gives FID (and sFID) only."""
+    path = Path(path)
+    stored = {}
+    if path.suffix == ".npz" and path.is_file():
+        keys = npz_keys(path)
+        if "arr_0" not in keys and "mu" not in keys:
+            raise EvalError(f"reference {path}: expected 'arr_0' images or 'mu'/'sigma' statistics, found keys {keys}")
+        # the extractor's widths, checked before the long passes over reference and sample images
+        stored = stored_statistics(path, feature_dims(extractor, device) if extractor is not None else None)
+        with_images = "arr_0" in keys
+    else:
+        with_images = True
+    stats, info = {}, {"source": str(path)}
+    if with_images:
+        stats, image_info = image_statistics(path, extractor, weights_id, cache_dir, batch_size, device, progress)
+        info |= image_info
+    # why float64: stored references come as float64 or float32, and the Frechet distance is computed in float64
+    stats |= {k: v.astype(np.float64) for k, v in stored.items()}
+
+    def origin(mean_key):
+        return "stored" if mean_key in stored else "computed from images" if mean_key in stats else None
+
+    info |= {"statistics": origin("mu"), "spatial_statistics": origin("mu_s"),
+             "stored_dtype": ", ".join(sorted({str(v.dtype) for v in stored.values()})) or None,
+             "pr_features": "images" if "pool" in stats else None}
+    return stats, info
+
+
 # ---- metrics ----
 def frechet(mu1, sigma1, mu2, sigma2):
-    return fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2},
-                                    verbose=False)["frechet_inception_distance"]
+    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^1/2, in float64 whatever the inputs' dtypes (stored ADM
+    statistics are float64, other shared ones float32, our own mu float32; torch-fidelity asserts equal dtypes).
+    tr (S1 S2)^1/2 is the sum of the square roots of the eigenvalues of S1^1/2 S2 S1^1/2, which is symmetric
+    PSD: two symmetric eigendecompositions, no complex round-off where S1 is singular (fewer images than
+    dimensions), and the same value as ADM's sqrtm(S1 S2)."""
+    mu1, mu2, s1, s2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    d = len(mu1)
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise EvalError(f"Frechet distance: mismatched statistics, mu {list(mu1.shape)} vs {list(mu2.shape)}, "
+                        f"sigma {list(s1.shape)} vs {list(s2.shape)}")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 def frechet_from_features(features, mu, sigma):
@@ -231,6 +320,10 @@ def precision_recall(sample_pool, ref_pool, k=PR_NEIGHBOURS):
 def generation_metrics(sample_features, ref_stats):
     """All metrics the inputs allow; a metric that cannot be computed is None with a reason in 'notes'."""
     s = statistics(sample_features)
+    for m in ("mu", "mu_s"):  # reference_statistics checks stored ones against the extractor; this catches the rest
+        if m in ref_stats and ref_stats[m].shape != s[m].shape:
+            raise EvalError(f"reference '{m}' is {ref_stats[m].shape[0]}-d but the samples' features are "
+                            f"{s[m].shape[0]}-d")
     res, notes = {}, {}
     res["fid"] = frechet(s["mu"], s["sigma"], ref_stats["mu"], ref_stats["sigma"])
     if "mu_s" in ref_stats:
@@ -247,7 +340,7 @@ def generation_metrics(sample_features, ref_stats):
         res["precision"], res["recall"] = precision_recall(s["pool"], ref_stats["pool"])
     else:
         res["precision"] = res["recall"] = None
-        notes["precision_recall"] = "the reference is precomputed statistics without features"
+        notes["precision_recall"] = "the reference has statistics but no images ('arr_0') to take features from"
     if notes:
         res["notes"] = notes
     return res

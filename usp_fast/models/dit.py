@@ -14,10 +14,9 @@ adaLN_modulation.1}) so published checkpoints load by name, and the block intern
 Variants (DiTConfig):
   norm_affine  False: DiT's LayerNorm without affine. True: USP's trainable LayerNorm affine in norm1/norm2, restored
                from the pretrained ViT (the final layer's norm stays affine-free: the ViT's final norm is not used).
-  mlp_act      'gelu_tanh' (DiT's MLP) or 'gelu' (exact, what the USP ViT trains with). For a USP init the
-               generate stage takes the export's own `mlp_act` unless told otherwise, so the transferred MLPs
-               compute the function they were trained as. (USP's reference code kept tanh-GELU; set
-               generate.mlp_act=gelu_tanh to reproduce that.)
+  mlp_act      'gelu_tanh' (DiT's MLP, also the official USP DiT/SiT from a USP start, so a USP arm and a
+               scratch arm share one architecture) or 'gelu' (exact, what the USP ViT pretrains with; opt in with
+               generate.mlp_act=gelu).
 LayerNorm + modulate and the gated residuals run through the `kernels` dispatch; attention through
 usp_fast.models.attention (FlashAttention-3 / -2 when installed, else SDPA).
 """
@@ -29,6 +28,7 @@ from torch import nn
 
 import usp_fast_kernels as kernels
 
+from ..hub import ExportHubMixin
 from .layers import Attention, Mlp, PatchEmbed, sincos_pos_embed_2d, unpatchify
 
 
@@ -179,7 +179,7 @@ class FinalLayer(nn.Module):
         return self.adaLN_modulation(c).chunk(2, dim=1)
 
 
-class DiT(nn.Module):
+class DiT(nn.Module, ExportHubMixin):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
@@ -251,15 +251,47 @@ class DiT(nn.Module):
         return asdict(self.cfg)
 
     @classmethod
-    def from_pretrained(cls, path, ema=True):
-        """A generator/ folder or a checkpoint folder of a generate run -> (DiT/SiT on CPU, fp32, eval, frozen;
-        meta). `ema`: the EMA weights (the ones to sample with) or the raw ones."""
+    def from_pretrained(cls, path, ema=True, **hub_kwargs):
+        """A generator/ folder, a checkpoint folder of a generate run, or a hub id holding a generator folder
+        (usp_fast.hub) -> (DiT/SiT on CPU, fp32, eval, frozen; meta). `ema`: the EMA weights (the ones to sample
+        with) or the raw ones. hub_kwargs (revision, cache_dir, token, ...) go to huggingface_hub."""
+        from ..hub import load
+
+        model = load(cls, path, ema=ema, **hub_kwargs)
+        return model, model.export_meta
+
+    @classmethod
+    def hub_files(cls, ema=True, **_):
+        return ["generator.json", "ema.safetensors" if ema else "model.safetensors"]
+
+    @classmethod
+    def _load_folder(cls, path, ema=True):
         from ..artifacts import load_generator_weights
 
         state, meta = load_generator_weights(path, ema)
         model = cls(DiTConfig(**meta["config"]))
         model.load_state_dict(state)
-        return model.eval().requires_grad_(False), meta
+        model.export_meta = meta
+        return model.eval().requires_grad_(False)
+
+    def _save_folder(self, out_dir, meta=None, ema_state=None):
+        """save_pretrained(out_dir, meta=None, ema_state=None) -> a generator folder
+        (usp_fast.artifacts.save_generator): this model's weights as model.safetensors and, unless `ema_state` is
+        given, as ema.safetensors too; generator.json from `meta` over the loaded folder's, "config" this model's."""
+        from ..artifacts import GENERATOR_FORMAT, save_generator
+        from ..diffusion import default_objective
+        from ..hub import registry_name
+
+        c = self.cfg
+        m = {k: v for k, v in {**(self.export_meta or {}), **(meta or {})}.items() if k != "format"}
+        m["config"] = self.config_dict()
+        m.setdefault("model", registry_name(MODELS, m["config"]) or f"{c.family}-custom")
+        m.setdefault("objective", default_objective(c.family))
+        for k, v in (("latent_channels", c.in_channels), ("latent_size", c.input_size), ("num_classes", c.num_classes)):
+            m.setdefault(k, v)
+        weights = self.state_dict()
+        save_generator(out_dir, weights, weights if ema_state is None else ema_state, m)
+        return {"format": GENERATOR_FORMAT, **m}
 
 
 def _init_linears_and_norms(module):

@@ -51,7 +51,9 @@ class Block(nn.Module):
 
 
 def sincos_pos_embed_2d(dim, grid_size, num_prefix=0):
-    """Fixed 2-D sin-cos position embedding [num_prefix + grid*grid, dim] (prefix rows are zero), as MAE."""
+    """Fixed 2-D sin-cos position embedding [num_prefix + grid*grid, dim] (prefix rows are zero), as MAE and DiT:
+    the first dim/2 channels encode the column (w) index, the last dim/2 the row (h) index, each half sin then
+    cos. (MAE's table takes its first half from meshgrid(w, h)[0], the column coordinate.)"""
     if dim % 4:
         raise ValueError(f"sin-cos pos-emb needs a width divisible by 4, got {dim}")
     coords = np.arange(grid_size, dtype=np.float64)
@@ -62,7 +64,7 @@ def sincos_pos_embed_2d(dim, grid_size, num_prefix=0):
         out = np.outer(pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    emb = np.concatenate([one_axis(gh), one_axis(gw)], axis=1)
+    emb = np.concatenate([one_axis(gw), one_axis(gh)], axis=1)
     emb = np.concatenate([np.zeros((num_prefix, dim)), emb], axis=0)
     return torch.from_numpy(emb).float()
 

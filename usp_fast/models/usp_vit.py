@@ -5,14 +5,29 @@ Decoder: 8 x 512 blocks over all tokens (mask tokens in masked places), predicti
 Loss: MSE on masked patches against per-patch-normalised targets (MAE's norm_pix_loss).
 The fused ops (keep-gather, unshuffle, norm-pix MSE) go through the `kernels` dispatch layer.
 """
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import usp_fast_kernels as kernels
 
+from ..hub import ExportHubMixin
 from .layers import Block, PatchEmbed, sincos_pos_embed_2d
+
+
+MASK_RATIO = 0.75  # USP / MAE: three quarters of the latent patches are masked
+
+
+def kept_patches(num_patches, mask_ratio):
+    """How many patches the encoder sees at `mask_ratio` (MAE's int(L * (1 - ratio)))."""
+    keep = int(num_patches * (1 - mask_ratio))
+    if not 0 < keep <= num_patches:
+        raise ValueError(f"mask ratio {mask_ratio} keeps {keep} of {num_patches} latent patches: need 0 <= ratio < 1 "
+                         "with at least one patch visible")
+    return keep
 
 
 @dataclass
@@ -27,7 +42,7 @@ class USPViTConfig:
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
-    mask_ratio: float = 0.75
+    mask_ratio: float = MASK_RATIO  # the training default; forward() takes another
     norm_pix: bool = True
     norm_pix_eps: float = 1e-6
     mlp_act: str = "gelu"
@@ -63,7 +78,7 @@ def model_config(name, **overrides):
     return USPViTConfig(**{**MODELS[name], **{k: v for k, v in overrides.items() if v is not None}})
 
 
-class USPViT(nn.Module):
+class USPViT(nn.Module, ExportHubMixin):
     def __init__(self, cfg: USPViTConfig):
         super().__init__()
         self.cfg = cfg
@@ -85,16 +100,15 @@ class USPViT(nn.Module):
             Block(Dd, cfg.decoder_heads, cfg.mlp_ratio, cfg.mlp_act, cfg.norm_eps) for _ in range(cfg.decoder_depth))
         self.decoder_norm = nn.LayerNorm(Dd, eps=cfg.norm_eps)
         self.decoder_pred = nn.Linear(Dd, cfg.patch_size**2 * cfg.in_chans)
-        self.num_keep = int(L * (1 - cfg.mask_ratio))
-        if not 0 < self.num_keep <= L:
-            raise ValueError(f"mask_ratio {cfg.mask_ratio} keeps {self.num_keep} of {L} patches")
+        kept_patches(L, cfg.mask_ratio)  # a ratio that keeps nothing fails here, not at the first step
         self.reset_parameters()
 
     def reset_parameters(self):
-        """MAE initialisation: xavier-uniform linears and patch conv (as a linear), N(0, .02) tokens."""
+        """MAE initialisation: xavier-uniform linears and patch conv weight (as a linear), N(0, .02) tokens. The
+        patch conv's bias keeps PyTorch's default conv init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in MAE/USP
+        (only DiT zeroes its patch-embedding bias)."""
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         for m in self.modules():
@@ -105,15 +119,16 @@ class USPViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def random_masking(self, batch, device, generator=None):
-        """Per-sample random mask by argsort of uniform noise. Returns ids_keep [B, K], ids_restore [B, L] and
-        mask [B, L] (1 = masked)."""
+    def random_masking(self, batch, device, generator=None, mask_ratio=None):
+        """Per-sample random mask by argsort of uniform noise, masking `mask_ratio` (default: the config's) of the
+        patches. Returns ids_keep [B, K], ids_restore [B, L] and mask [B, L] (1 = masked)."""
         L = self.cfg.num_patches
+        keep = kept_patches(L, self.cfg.mask_ratio if mask_ratio is None else mask_ratio)
         noise = torch.rand(batch, L, device=device, generator=generator)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        mask = (ids_restore >= self.num_keep).float()
-        return ids_shuffle[:, : self.num_keep], ids_restore, mask
+        mask = (ids_restore >= keep).float()
+        return ids_shuffle[:, :keep], ids_restore, mask
 
     def forward_encoder(self, latents, ids_keep=None):
         """Encode visible patches (all patches when ids_keep is None) -> [B, 1+K, D] after the final norm."""
@@ -136,9 +151,9 @@ class USPViT(nn.Module):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
-    def forward(self, latents, generator=None):
+    def forward(self, latents, generator=None, mask_ratio=None):
         """latents [B, C, H, W] -> (loss, pred [B, L, p*p*C], mask [B, L])."""
-        ids_keep, ids_restore, mask = self.random_masking(latents.shape[0], latents.device, generator)
+        ids_keep, ids_restore, mask = self.random_masking(latents.shape[0], latents.device, generator, mask_ratio)
         latent = self.forward_encoder(latents, ids_keep)
         pred = self.forward_decoder(latent, ids_restore)
         loss = kernels.patch_norm_mse(pred, latents, mask, self.cfg.patch_size, self.cfg.norm_pix, self.cfg.norm_pix_eps)
@@ -156,10 +171,20 @@ class USPViT(nn.Module):
                 "norm_eps")
         return {k: c[k] for k in keep} | {"grid_size": self.cfg.grid_size, "num_prefix_tokens": 1}
 
+    HUB_FILES = ("encoder.safetensors", "encoder.json")
+
     @classmethod
-    def from_pretrained(cls, export_dir):
-        """An encoder export (usp_fast.artifacts.save_encoder) -> (USPViT with the encoder weights, fp32, eval; the
-        MAE decoder is not exported and stays freshly initialised; meta)."""
+    def from_pretrained(cls, export_dir, **hub_kwargs):
+        """An encoder export (usp_fast.artifacts.save_encoder: a folder, its encoder.safetensors, or a hub id holding
+        one; usp_fast.hub) -> (USPViT with the encoder weights, fp32, eval; the MAE decoder is not exported and stays
+        freshly initialised; meta). hub_kwargs (revision, cache_dir, token, ...) go to huggingface_hub."""
+        from ..hub import load
+
+        model = load(cls, export_dir, **hub_kwargs)
+        return model, model.export_meta
+
+    @classmethod
+    def _load_folder(cls, export_dir):
         from ..artifacts import ExportError, load_encoder
 
         tensors, meta = load_encoder(export_dir)
@@ -172,17 +197,37 @@ class USPViT(nn.Module):
             raise ExportError(f"{export_dir}: export does not match {meta['model']}: missing "
                               f"{sorted(expected - set(tensors))[:5]}, unexpected {sorted(set(tensors) - expected)[:5]}")
         model.load_state_dict(tensors, strict=False)
-        return model.eval(), meta
+        model.export_meta = meta
+        return model.eval()
 
-    def save_pretrained(self, out_dir, model_name, **meta):
-        """-> the encoder export folder (see usp_fast.artifacts.save_encoder for `meta`)."""
+    def _save_folder(self, out_dir, model_name=None, vae_identity=None, resolution=None, step=None, epoch=None,
+                     extra_meta=None):
+        """save_pretrained(out_dir, model_name=None, **meta) -> the encoder export (usp_fast.artifacts.save_encoder,
+        whose arguments `meta` are). What is not given keeps the value of the export the model was loaded from; the
+        model name defaults to the registry entry of this architecture."""
         from ..artifacts import save_encoder
+        from ..hub import registry_name
 
-        return save_encoder(self, out_dir, model_name, **meta)
+        old = {k: v for k, v in (self.export_meta or {}).items() if k not in ("format", "model", "config")}
+        name = model_name or (self.export_meta or {}).get("model") or registry_name(MODELS, asdict(self.cfg))
+        if name is None:
+            raise ValueError("save_pretrained: no usp_vit_* registry entry has this architecture; pass model_name")
+        given = {"vae": vae_identity, "resolution": resolution, "step": step, "epoch": epoch}
+        meta = {**old, **(extra_meta or {}), **{k: v for k, v in given.items() if v is not None}}
+        save_encoder(self, out_dir, name, vae_identity=meta.pop("vae", None), resolution=meta.pop("resolution", None),
+                     step=meta.pop("step", None), epoch=meta.pop("epoch", None), extra_meta=meta)
+        return json.loads((Path(out_dir) / "encoder.json").read_text())
 
 
 def build_model(name, **overrides):
     return USPViT(model_config(name, **overrides))
+
+
+def build_model_from_config(model_section, latent_channels, latent_size):
+    """The USP ViT a pretrain config's `model` section describes (usp_fast.config.PretrainModelConfig): its keys
+    besides `name` are USPViTConfig fields; unset ones keep the registry's value."""
+    options = model_section.model_dump(exclude={"name"})
+    return build_model(model_section.name, in_chans=latent_channels, input_size=latent_size, **options)
 
 
 def encoder_param_count(embed_dim, depth, patch_size=2, in_chans=4, mlp_ratio=4.0):

@@ -10,6 +10,8 @@ the progress bar); stages that do not train per step (cache, probe) override `ru
 class Stage:
     #: stage name as given to --stage
     name = ""
+    #: the stage's config schema (a usp_fast.config.Config subclass)
+    config = None
     #: does the stage need class labels from the cache
     needs_labels = False
 
@@ -20,7 +22,7 @@ class Stage:
     def check_inputs(self):
         """Cheap checks of the user's inputs (data roots, export folders) before any process group, VAE, model or
         data is touched. Raise a usp_fast.errors.UserError naming the key and what was expected."""
-        from ..data.images import check_data_source
+        from ..data.prepare import check_data_source
 
         d = self.cfg.data
         check_data_source(d, need_images=d.source == "online" or d.auto_cache, vae_name=self.cfg.vae.name)
@@ -28,22 +30,23 @@ class Stage:
     def run(self, resume=None):
         """Prepare the data (latent cache or online source), then train with the shared loop. -> result dict."""
         from ..engine import Trainer
-        from .cache import prepare_data
+        from ..data.prepare import prepare_data
 
         prepare_data(self.cfg, build_missing=self.cfg.data.auto_cache and self.cfg.data.source == "cache",
                      reuse_complete=True)
         return Trainer(self.cfg, self, resume=resume).train()
 
     # ---- what the Trainer calls ----
-    def build_model(self, manifest):
-        """-> nn.Module. `manifest` is the latent cache's manifest dict (latent_channels, latent_size, num_classes...)."""
+    def build_model(self, manifest, latent_norm):
+        """-> nn.Module. `manifest` describes the data (latent_channels, latent_size, num_classes, vae, ...: the
+        cache's manifest or the online source's); `latent_norm` is the run's usp_fast.vae.LatentNorm."""
         raise NotImplementedError
 
     def latent_norm(self, manifest):
         """-> the LatentNorm this run trains in (vae.normalize with the cache manifest's statistics)."""
         from ..vae import LatentNorm
 
-        return LatentNorm.from_manifest(self.cfg.vae.normalize, manifest)
+        return LatentNorm.from_manifest(self.cfg.vae.normalize, manifest, self.cfg.data.sample_posterior)
 
     def param_groups(self, model):
         """-> optimizer param groups (dicts with 'params' and 'weight_decay', optionally 'lr_scale');
@@ -78,8 +81,9 @@ class Stage:
     def load_state_dict(self, state):
         pass
 
-    def finish(self, model, run_dir, manifest, step, epoch):
-        """Called once on rank 0 at the end (e.g. export the encoder). Returns a dict of paths to report."""
+    def finish(self, model, run_dir, manifest, latent_norm, step, epoch):
+        """Called once on rank 0 at the end (e.g. export the encoder, recording `latent_norm`). Returns a dict of
+        paths to report."""
         return {}
 
 

@@ -21,43 +21,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import FinetuneConfig
 from ..io import atomic_path, atomic_write_text
+from ..metrics.classification import top_k_accuracy
+from ..models.classifier import build_classifier
 from ..optim import layer_decay_groups
 from ..errors import ConfigError
 from .base import Stage
 
 log = logging.getLogger(__name__)
 
-def build_classifier(meta, num_classes, latent_size, drop_path=0.0):
-    """timm VisionTransformer shaped as the exported encoder, on latents: global average pool + fc_norm (MAE)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    c = meta["config"]
-    if c.get("mlp_act", "gelu") != "gelu":
-        raise ValueError(f"the encoder uses mlp_act={c['mlp_act']}; the timm classifier is built with GELU")
-    return VisionTransformer(
-        img_size=latent_size, patch_size=c["patch_size"], in_chans=c["in_chans"], num_classes=num_classes,
-        global_pool="avg", fc_norm=True, embed_dim=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"],
-        mlp_ratio=c["mlp_ratio"], drop_path_rate=drop_path, norm_layer=partial(nn.LayerNorm, eps=c["norm_eps"]))
-
 
 @torch.no_grad()
 def top_k(model, latents, labels, batch=256, ks=(1, 5)):
-    """-> {'top1': ..., 'top5': ...} (fractions in [0, 1]) of `model` on latents [N, C, H, W] (any device/dtype
-    the model accepts), by timm's `accuracy`."""
-    from timm.utils import accuracy
-
+    """-> {'top1': %, 'top5': %} of `model` on latents [N, C, H, W] (any device/dtype the model accepts)."""
     p = next(model.parameters())
     was_training = model.training
     model.eval()
-    hits = {k: 0 for k in ks}
-    for lo in range(0, len(latents), batch):
-        x = latents[lo: lo + batch].to(p.device, p.dtype)
-        y = labels[lo: lo + batch].to(p.device)
-        for k, pct in zip(ks, accuracy(model(x).float(), y, topk=ks)):
-            hits[k] += round(pct.item() * len(y) / 100)  # timm gives percent of the batch: back to a count
+    acc = top_k_accuracy(lambda x: model(x.to(p.device, p.dtype)), latents, labels, ks, batch)
     model.train(was_training)
-    return {f"top{k}": hits[k] / max(len(latents), 1) for k in ks}
+    return {k: v for k, v in acc.items() if k != "correct"}
 
 
 def load_cache_latents(cache_dir, cfg):
@@ -72,6 +55,7 @@ def load_cache_latents(cache_dir, cfg):
 
 class FinetuneStage(Stage):
     name = "finetune"
+    config = FinetuneConfig
     needs_labels = True
 
     def __init__(self, cfg):
@@ -90,12 +74,12 @@ class FinetuneStage(Stage):
 
         mode = self.cfg.vae.normalize
         if mode != "none" and manifest.get("latent_mean") is None:
-            recorded = load_encoder(self.cfg.finetune.encoder)[1].get("latent_norm") or {}
-            if recorded.get("mode") == mode:
-                return LatentNorm.from_dict(recorded)
+            recorded = LatentNorm.of(load_encoder(self.cfg.finetune.encoder)[1])
+            if recorded.mode == mode:
+                return recorded
         return super().latent_norm(manifest)
 
-    def build_model(self, manifest):
+    def build_model(self, manifest, latent_norm):
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
 
@@ -139,7 +123,7 @@ class FinetuneStage(Stage):
         with seeded_global_rngs(generator.initial_seed()):  # shared with the RandAugment threads
             return self.mixup(x, y)
 
-    def finish(self, model, run_dir, manifest, step, epoch):
+    def finish(self, model, run_dir, manifest, latent_norm, step, epoch):
         from safetensors.torch import save_file
 
         out = run_dir / "classifier"
@@ -148,15 +132,13 @@ class FinetuneStage(Stage):
             save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
         meta = {"encoder": self.cfg.finetune.encoder, "num_classes": self.num_classes,
                 "class_names": manifest.get("class_names"), "latent_size": manifest["latent_size"],
-                "vae": manifest["vae"], "latent_norm": manifest.get("latent_norm"), "step": step, "epoch": epoch}
+                "vae": manifest["vae"], "latent_norm": latent_norm.as_dict(), "step": step, "epoch": epoch}
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
         result = {"classifier": str(out / "model.safetensors")}
         f = self.cfg.finetune
         if f.val_cache_dir:
-            from ..vae import LatentNorm
-
             latents, labels = load_cache_latents(f.val_cache_dir, self.cfg)
-            latents = LatentNorm.from_dict(manifest.get("latent_norm")).normalize(latents)  # as trained
+            latents = latent_norm.normalize(latents)  # as trained
             acc = top_k(model, latents, labels, f.eval_batch, ks=(1, min(5, self.num_classes)))
             log.info("held-out %s: %s (%d images)", f.val_cache_dir, acc, len(labels))
             atomic_write_text(run_dir / "finetune.json", json.dumps({"val_cache_dir": f.val_cache_dir, **acc,

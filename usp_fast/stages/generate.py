@@ -1,8 +1,8 @@
 """The generate stage: DiT/SiT training on the latent cache, from a USP encoder export or from scratch.
 
-`python usp_fast/train.py --stage generate --config configs/generate/dit_b2.yaml` runs the shared loop
+`usp-fast train --stage generate --config configs/generate/dit_b2.yaml` runs the shared loop
 (usp_fast/engine.py: DeepSpeed, deterministic data stream with cached flips, checkpoints, exact resume, logging)
-with this Task. The model comes from `model.name` (a registry name such as DiT-B/2 or SiT-XL/2, see
+with this stage. The model comes from `model.name` (a registry name such as DiT-B/2 or SiT-XL/2, see
 usp_fast/models/dit.py) and `generate.init`:
   random            DiT's own initialisation
   usp:<export dir>  usp_fast.transfer: the pretrained encoder's patch conv, blocks and LayerNorm affine, the resized
@@ -12,11 +12,12 @@ All randomness of a step (label dropout, timesteps, noise) comes from the engine
 is checkpointed through state_dict, so a resumed run is bitwise the uninterrupted one (fp32).
 
 EMA: an fp32 copy of every parameter on each rank, updated after each optimizer step with foreach ops from the
-module's parameters (with bf16 training those are DeepSpeed's bf16 weights, not its fp32 master partition).
-Supported with ZeRO 0-2, where every rank holds the full module parameters; ZeRO-3 partitions them and is refused.
+fp32 master weights (usp_fast.engine.master_params: DeepSpeed's fp32 masters under bf16, not the bf16-rounded
+module weights). Supported with ZeRO 0-2, where every rank holds the full module parameters; ZeRO-3 partitions
+them and is refused.
 
 At the end rank 0 writes <run>/generator/: model.safetensors, ema.safetensors, generator.json (everything
-usp_fast/sample.py needs to rebuild the model). <run>/generator.json is also written at start, so sampling works
+usp_fast/sampling.py needs to rebuild the model). <run>/generator.json is also written at start, so sampling works
 from any intermediate checkpoint folder too.
 """
 import json
@@ -26,15 +27,17 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from ..diffusion import create_objective, default_objective
 from ..artifacts import GENERATOR_FORMAT, load_encoder, run_dir, save_generator
-from ..io import atomic_write_text
+from ..config import GenerateConfig
+from ..diffusion import create_objective, default_objective
 from ..ema import EMA
+from ..errors import ConfigError
+from ..io import atomic_write_text
 from ..models.dit import DiT, drop_labels, model_config
 from ..optim import decay_groups
-from .base import Stage
-from ..errors import ConfigError
 from ..transfer import TransferError, transfer_to_dit
+from ..vae import LatentNorm
+from .base import Stage
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +51,12 @@ def parse_init(init):
     raise ConfigError(f"generate.init {init!r}: expected 'random' or 'usp:<encoder export directory>'")
 
 
-def _check_vae(export_meta, manifest, export_path):
+def _check_vae(export_meta, manifest, latent_norm, export_path):
     src, dst = export_meta.get("vae"), manifest.get("vae") or {}
     if not src:
         log.warning("encoder export %s records no VAE identity; cannot check it matches the cache's", export_path)
         return
-    src_norm = (export_meta.get("latent_norm") or {"mode": "none"})["mode"]
-    dst_norm = (manifest.get("latent_norm") or {"mode": "none"})["mode"]
+    src_norm, dst_norm = LatentNorm.of(export_meta).mode, latent_norm.mode
     if src_norm != dst_norm:
         raise TransferError(f"the encoder at {export_path} was pretrained with vae.normalize={src_norm}, this run "
                             f"uses vae.normalize={dst_norm}: both stages must see the same latents")
@@ -67,6 +69,7 @@ def _check_vae(export_meta, manifest, export_path):
 
 class GenerateStage(Stage):
     name = "generate"
+    config = GenerateConfig
     needs_labels = True
 
     def __init__(self, cfg):
@@ -96,17 +99,17 @@ class GenerateStage(Stage):
         usp = export_meta is not None
         overrides["learn_sigma"] = g.learn_sigma
         overrides["norm_affine"] = usp if g.norm_affine is None else g.norm_affine
-        overrides["mlp_act"] = g.mlp_act or (export_meta["config"].get("mlp_act", "gelu") if usp else "gelu_tanh")
+        overrides["mlp_act"] = g.mlp_act or "gelu_tanh"  # the official USP DiT keeps tanh-GELU after transfer
         overrides["class_dropout_prob"] = g.class_dropout_prob
         if g.unconditional:  # one embedding row, the null class, used for every sample
             overrides.update(num_classes=0, class_dropout_prob=1.0)
         return model_config(self.cfg.model.name, **overrides)
 
-    def build_model(self, manifest):
+    def build_model(self, manifest, latent_norm):
         source = meta = None
         if self.init_path is not None:
             source, meta = load_encoder(self.init_path)
-            _check_vae(meta, manifest, self.init_path)
+            _check_vae(meta, manifest, latent_norm, self.init_path)
         spec = self.model_spec(manifest, meta)
         model = DiT(spec)
         objective = self.cfg.generate.objective
@@ -130,16 +133,17 @@ class GenerateStage(Stage):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if report is not None:
                 atomic_write_text(self.run_dir / "transfer.json", json.dumps(report.as_dict(), indent=1))
-            atomic_write_text(self.run_dir / "generator.json", json.dumps(self.generator_meta(model, manifest), indent=1))
+            atomic_write_text(self.run_dir / "generator.json",
+                              json.dumps(self.generator_meta(model, manifest, latent_norm), indent=1))
         return model
 
-    def generator_meta(self, model, manifest, step=None, epoch=None):
+    def generator_meta(self, model, manifest, latent_norm, step=None, epoch=None):
         return {"format": GENERATOR_FORMAT, "model": self.cfg.model.name, "config": model.config_dict(),
                 "objective": self.objective_name, "init": self.cfg.generate.init,
                 "latent_channels": manifest["latent_channels"], "latent_size": manifest["latent_size"],
                 "num_classes": manifest["num_classes"], "class_names": manifest.get("class_names"),
                 "resolution": manifest["resolution"], "vae": manifest["vae"], "ema_decay": self.cfg.ema.decay,
-                "latent_norm": manifest.get("latent_norm", {"mode": "none"}),
+                "latent_norm": latent_norm.as_dict(),
                 "step": step, "epoch": epoch}
 
     def param_groups(self, model):
@@ -166,10 +170,10 @@ class GenerateStage(Stage):
             raise KeyError("checkpoint has no EMA state: was it written by --stage generate?")
         self.ema.load_state_dict(state["ema"])
 
-    def finish(self, model, run_dir, manifest, step, epoch):
+    def finish(self, model, run_dir, manifest, latent_norm, step, epoch):
         weights = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
         ema = {**weights, **self.ema.state_dict()}
-        meta = self.generator_meta(model, manifest, step, epoch)
+        meta = self.generator_meta(model, manifest, latent_norm, step, epoch)
         meta.pop("format")
         out = save_generator(Path(run_dir) / "generator", weights, ema, meta)
         log.info("saved generator weights (model + EMA) to %s", out)

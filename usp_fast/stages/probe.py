@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from usp_fast.io import atomic_path, atomic_write_text
+from usp_fast.config import ProbeConfig
 from usp_fast.errors import ConfigError
+from usp_fast.io import atomic_path, atomic_write_text
+from usp_fast.optim import base_lr
 from usp_fast.stages.base import Stage
 
 log = logging.getLogger("usp_fast.stages.probe")
@@ -36,6 +38,7 @@ class ProbeStage(Stage):
     """Trains heads on features extracted once, not on the per-step stream, so it does not use the shared engine:
     one process (rank 0) does it all while other ranks wait."""
     name = "probe"
+    config = ProbeConfig
 
     def check_inputs(self):
         super().check_inputs()
@@ -94,7 +97,7 @@ def encoder_features(model, latents, pool, blocks=()):
 
 def generator_features(model, objective, latents, blocks, noise_level, generator):
     """Per-block features of a DiT/SiT (the paper's Figure 4): the residual stream after each listed block, averaged
-    over tokens, for latents noised to `noise_level` (DiT: timestep level x (T - 1); SiT: t = level) with the null
+    over tokens, for latents noised to `noise_level` (DiT: timestep level x (T - 1); SiT: t = 1 - level) with the null
     class (or class 0 without label dropout), so no label information enters."""
     B = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
@@ -102,7 +105,7 @@ def generator_features(model, objective, latents, blocks, noise_level, generator
         t = torch.full((B,), round(noise_level * (objective.num_timesteps - 1)), dtype=torch.long, device=latents.device)
         x = objective.q_sample(latents, t, noise)
     else:
-        t = torch.full((B,), float(noise_level), device=latents.device)
+        t = torch.full((B,), objective.time_at_noise_level(noise_level), device=latents.device)
         x = objective.interpolate(latents, noise, t)
     y = torch.full((B,), model.cfg.null_class or 0, dtype=torch.long, device=latents.device)
     return {f"block_{i}": v for i, v in model.block_features(x, t, y, blocks).items()}
@@ -136,7 +139,7 @@ def feature_source(p, seed, device):
     if p.encoder:
         model, meta = load_frozen_encoder(p.encoder, device)
         blocks = resolve_blocks(p.blocks, len(model.blocks))
-        norm = LatentNorm.from_dict(meta.get("latent_norm"))
+        norm = LatentNorm.of(meta)
         return (lambda x, key: encoder_features(model, norm.normalize(x), p.pool, blocks)), meta, model
     from usp_fast.diffusion import create_objective
     from usp_fast.sampling import load_generator
@@ -148,7 +151,7 @@ def feature_source(p, seed, device):
     model = model.to(device)
     objective = create_objective(meta["objective"], model.cfg.learn_sigma)
     blocks = resolve_blocks(p.blocks or [-1], len(model.blocks))
-    norm = LatentNorm.from_dict(meta.get("latent_norm"))
+    norm = LatentNorm.of(meta)
 
     def fn(x, key):
         gen = torch.Generator().manual_seed(probe_noise_seed(seed, key))
@@ -223,21 +226,12 @@ def train_heads(feats, labels, num_classes, epochs, global_batch, micro_batch, l
 
 @torch.no_grad()
 def accuracy(heads, feats, labels, device="cpu", batch=4096):
-    """Top-1 / top-5 (%) per head on the plain (un-flipped) features, by timm's `accuracy` (top-5 is top-C with
-    fewer than 5 classes)."""
-    from timm.utils import accuracy as timm_accuracy
+    """Top-1 / top-5 (%) per head on the plain (un-flipped) features (top-5 is top-C with fewer than 5 classes), and
+    `correct`: 1/0 per evaluated image for top-1 (for paired comparisons)."""
+    from usp_fast.metrics.classification import top_k_accuracy
 
-    out = {}
-    for k, f in feats.items():
-        top1 = top5 = 0
-        for lo in range(0, len(labels), batch):
-            logits = heads[k](f[lo: lo + batch, 0].to(device).float())
-            y = labels[lo: lo + batch].to(device)
-            a1, a5 = timm_accuracy(logits, y, topk=(1, 5))  # percent of the batch: back to counts
-            top1 += round(a1.item() * len(y) / 100)
-            top5 += round(a5.item() * len(y) / 100)
-        out[k] = {"top1": 100.0 * top1 / len(labels), "top5": 100.0 * top5 / len(labels)}
-    return out
+    return {k: top_k_accuracy(lambda x, head=heads[k]: head(x[:, 0].to(device).float()), f, labels, (1, 5), batch)
+            for k, f in feats.items()}
 
 
 # ---- the stage ----
@@ -258,7 +252,7 @@ def run(cfg, device="cpu"):
     feats, labels = extract_cache_features(feature_fn, cache, p.feature_batch, device, fdtype)
     log.info("features of %d latents (x2 flips) for %s in %.1fs", len(labels), sorted(feats), time.time() - start)
     t, o = cfg.train, cfg.optim
-    lr = o.lr if o.lr is not None else o.blr * min(t.global_batch, len(labels)) / 256
+    lr = base_lr(o, min(t.global_batch, len(labels)))  # a batch larger than the data set is the data set
     heads, history = train_heads(feats, labels, manifest["num_classes"], t.epochs, t.global_batch, t.micro_batch,
                                  lr, o.warmup_epochs, p.momentum, p.trust_coeff, o.weight_decay, o.min_lr,
                                  cfg.run.seed, device, t.log_every, o.warmup_steps, o.schedule)

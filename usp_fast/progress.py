@@ -1,0 +1,24 @@
+"""Progress bars that suit where the output goes: a live tqdm bar on a terminal; without one (a log file, CI) a
+line at most every LOG_INTERVAL seconds, so `make demo > log` holds a few progress lines, not one per step."""
+import os
+import sys
+
+from tqdm import tqdm
+
+LOG_INTERVAL = 30.0  # seconds between progress lines when no terminal is attached
+
+
+def on_terminal(stream=None):
+    stream = stream or sys.stderr
+    return bool(getattr(stream, "isatty", lambda: False)()) and not os.environ.get("CI")
+
+
+def progress_bar(iterable=None, **kwargs):
+    """tqdm with the project's defaults; `disable=True` (e.g. ranks other than 0) turns it off."""
+    live = on_terminal(kwargs.get("file"))
+    kwargs.setdefault("dynamic_ncols", live)
+    if not live:
+        kwargs.setdefault("mininterval", LOG_INTERVAL)
+        kwargs.setdefault("maxinterval", LOG_INTERVAL * 4)
+        kwargs.setdefault("ncols", 100)
+    return tqdm(iterable, **kwargs)
