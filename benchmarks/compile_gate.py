@@ -10,7 +10,6 @@ through `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`. The 
 """
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import re
@@ -20,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from usp_fast_benchmarks.env import utc_now
 
 SM_COUNT = 132           # H100 SXM (H200: 132 as well)
 TARGET = ("cuda", 90, 32)
@@ -207,7 +208,7 @@ def run_gate(cases=None):
     rows = list(variants.values())
     return {"target": f"sm_{TARGET[1]}a (Hopper), warp size {TARGET[2]}", "sm_count_assumed": SM_COUNT,
             "triton": triton.__version__, "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": utc_now(),
             "variants": rows, "all_ok": all(r["ok"] for r in rows),
             "max_registers": max((r.get("registers", 0) for r in rows), default=0)}
 

@@ -6,9 +6,10 @@ ran the steps suite, else from this device's stored results, else the two cases 
 Without a GPU nothing is estimated: the tiny CPU models say nothing about GPU-days.
 """
 from usp_fast_benchmarks import steps
+from usp_fast_benchmarks.env import DATASHEET_BF16_TFLOPS
 
 # USP paper, Table 5: 98 H20 GPU-days to FID 9.6 = 36 (pretrain) + 62 (DiT-XL/2 fine-tune, 700K steps).
-PAPER = {"gpu": "NVIDIA H20", "peak_bf16_tflops": 148.0, "fid": 9.6,
+PAPER = {"gpu": "NVIDIA H20", "peak_bf16_tflops": DATASHEET_BF16_TFLOPS["NVIDIA H20"], "fid": 9.6,
          "gpu_days": {"pretrain": 36.0, "finetune": 62.0, "total": 98.0}}
 PRETRAIN = {"case": "pretrain/usp_vit_xl/b128", "epochs": 800, "dataset_images": 1.28e6}
 FINETUNE = {"case": "generate/DiT-XL/2/b32", "steps": 700_000, "global_batch": 256}

@@ -7,12 +7,13 @@ through the real TAEF2 autoencoder (../shared), and differs only in where its cr
   cache_vN    a latent cache of N stored views per image (view 0 the centre crop, N-1 RandomResizedCrops, each
               with its flip; training draws one view per image per epoch)
 The probe (LARS on the frozen cls token, as MAE) trains on the centre crops of a class-balanced train subset and
-is scored on the validation + test splits together. Differences against `online` come with a paired bootstrap 90%
-interval over the scored images (the same images score every arm).
+is scored on the validation + test splits together. Each seed (`--seeds`) repeats the whole experiment: its own
+stored crops, encoder init, data order and masks. Differences against `online` come with a paired bootstrap 90%
+interval over seeds and scored images (the same images score every arm, and each seed pairs its own arms).
 
-    python -m usp_fast_benchmarks.crop_views [--steps N] [--images-per-class K] [--out benchmarks/results]
+    python -m usp_fast_benchmarks.crop_views [--seeds 0 1] [--steps N] [--images-per-class K] [--out DIR]
 
-A rerun continues: finished caches, encoders and probes in the work folder are reused.
+A rerun continues: finished caches, encoders and probes in the work folder (one subfolder per seed) are reused.
 """
 import argparse
 import json
@@ -137,11 +138,15 @@ class Experiment:
 
 
 def paired_interval(a, b, rounds=2000, seed=0, level=0.9):
-    """Top-1 difference (b - a, percentage points) with a paired bootstrap interval over the scored images."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
+    """Top-1 difference b - a (percentage points) of two arms scored per seed and image (arrays [seeds, images] of
+    1/0), with a paired bootstrap interval: resample the seeds, then the images, the same draws for both arms."""
+    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), (rounds, len(a)))
-    diffs = 100 * (b[idx].mean(1) - a[idx].mean(1))
+    diffs = np.empty(rounds)
+    for r in range(rounds):
+        seeds = rng.integers(0, a.shape[0], a.shape[0])
+        images = rng.integers(0, a.shape[1], a.shape[1])
+        diffs[r] = 100 * (b[seeds][:, images].mean() - a[seeds][:, images].mean())
     lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
     return 100 * float(b.mean() - a.mean()), [float(lo), float(hi)]
 
@@ -158,27 +163,36 @@ def binomial_interval(correct, level=0.9):
     return [100 * (centre - half), 100 * (centre + half)]
 
 
-def report(arms, meta):
-    doc = {**meta, "arms": {}}
-    for arm, r in arms.items():
-        entry = {k: v for k, v in r.items() if k != "correct"}
-        entry["top1_ci90"] = binomial_interval(r["correct"])
+def report(per_seed, meta):
+    """per_seed: {seed: {arm: result}} -> the results document: per arm the top-1 of every seed, their mean with a
+    binomial interval over all scored images, and the paired difference against online."""
+    seeds = sorted(per_seed)
+    doc = {**meta, "seeds": seeds, "arms": {}}
+    for arm in per_seed[seeds[0]]:
+        runs = [per_seed[k][arm] for k in seeds]
+        correct = np.array([r["correct"] for r in runs])
+        entry = {"views": runs[0]["views"], "top1": float(100 * correct.mean()),
+                 "top1_per_seed": [r["top1"] for r in runs], "top5_per_seed": [r["top5"] for r in runs],
+                 "top1_ci90": binomial_interval(correct.ravel()),
+                 "pretrain_seconds_per_seed": [r["pretrain_seconds"] for r in runs]}
         if arm != "online":
-            diff, ci = paired_interval(arms["online"]["correct"], r["correct"])
-            entry["vs_online_pp"], entry["vs_online_ci90"] = diff, ci
+            online = np.array([per_seed[k]["online"]["correct"] for k in seeds])
+            entry["vs_online_pp"], entry["vs_online_ci90"] = paired_interval(online, correct)
         doc["arms"][arm] = entry
     return doc
 
 
 def table(doc):
-    lines = ["| arm | stored views | probe top-1 (%) [90% CI] | vs online (pp) [paired 90% CI] | pretrain s |",
-             "| --- | --- | --- | --- | --- |"]
+    seeds = ", ".join(map(str, doc["seeds"]))
+    lines = [f"| arm | stored views | probe top-1 (%), mean of seeds {seeds} [90% CI] | per seed | "
+             "vs online (pp) [paired 90% CI] |", "| --- | --- | --- | --- | --- |"]
     for arm, r in doc["arms"].items():
         lo, hi = r["top1_ci90"]
         vs = "-" if arm == "online" else f"{r['vs_online_pp']:+.1f} [{r['vs_online_ci90'][0]:+.1f}, " \
                                          f"{r['vs_online_ci90'][1]:+.1f}]"
         views = "fresh every step" if r["views"] is None else r["views"]
-        lines.append(f"| {arm} | {views} | {r['top1']:.1f} [{lo:.1f}, {hi:.1f}] | {vs} | {r['pretrain_seconds']} |")
+        each = " / ".join(f"{v:.1f}" for v in r["top1_per_seed"])
+        lines.append(f"| {arm} | {views} | {r['top1']:.1f} [{lo:.1f}, {hi:.1f}] | {each} | {vs} |")
     return "\n".join(lines)
 
 
@@ -192,25 +206,27 @@ def main(argv=None):
     p.add_argument("--probe-per-class", type=int, default=100, help="probe training images per class")
     p.add_argument("--resolution", type=int, default=96)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    exp = Experiment(a.shared, a.work, a.steps, a.images_per_class, a.probe_per_class, a.resolution, a.batch, a.seed)
-    if not (exp.vae / "taef2_encoder.pth").is_file() or not exp.clothing.is_dir():
-        print(f"skipped: {exp.shared} has no TAEF2 weights or clothing-256 (see ../shared/README.md)")
+    exps = {k: Experiment(a.shared, Path(a.work) / f"seed{k}", a.steps, a.images_per_class, a.probe_per_class,
+                          a.resolution, a.batch, k) for k in a.seeds}
+    probe = next(iter(exps.values()))
+    if not (probe.vae / "taef2_encoder.pth").is_file() or not probe.clothing.is_dir():
+        print(f"skipped: {probe.shared} has no TAEF2 weights or clothing-256 (see ../shared/README.md)")
         return None
     t0 = time.time()
-    arms = exp.run()
-    from usp_fast_benchmarks.run import device_name, git_commit
+    per_seed = {k: e.run() for k, e in exps.items()}
+    from usp_fast_benchmarks.env import device_name, git_commit
 
     meta = {"experiment": "crop_views", "device": device_name(torch.device("cpu")), "commit": git_commit(),
-            "date": time.strftime("%Y-%m-%d"), "seed": a.seed, "steps": a.steps, "batch": a.batch,
+            "date": time.strftime("%Y-%m-%d"), "steps": a.steps, "batch": a.batch,
             "resolution": a.resolution, "pretrain_images": 10 * a.images_per_class,
             "probe_train_images": 10 * a.probe_per_class, "encoder": "usp_vit_tiny",
             "vae": "TAEF2 (../shared/weights/taef2)", "probe": "LARS, 90 epochs, cls token, centre crops",
             "scored_on": "clothing-256 validation + test", "wall_seconds": round(time.time() - t0, 1),
             "command": "python -m usp_fast_benchmarks.crop_views " + " ".join(argv or [])}
-    doc = report(arms, meta)
+    doc = report(per_seed, meta)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "crop-views.json", json.dumps(doc, indent=1))

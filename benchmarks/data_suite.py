@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from usp_fast_benchmarks.env import REPO
+
 SHARED = REPO / ".." / "shared"
 
 
@@ -86,7 +87,7 @@ def _throughput(decoder, items, batch, size, vae=None, device=None):
 
 def _stall(root, vae_name, decoder_kind, workers, device, size, micro, steps):
     """Fraction of wall time a tiny pretrain step waits for the online stream (decode + encode prefetched)."""
-    from usp_fast.config import load_config
+    from usp_fast.stages import load_config
     from usp_fast.data.online import OnlineSource
     from usp_fast.data.stream import StreamPlan
     from usp_fast.stages.pretrain import PretrainStage
@@ -98,7 +99,7 @@ def _stall(root, vae_name, decoder_kind, workers, device, size, micro, steps):
                              f"vae.name={vae_name}"])
     src = OnlineSource(cfg, load_vae(vae_name, 1.0, device=device), device)
     task = PretrainStage(cfg)
-    model = task.build_model(src.manifest).to(device)
+    model = task.build_model(src.manifest, task.latent_norm(src.manifest)).to(device)  # as the Trainer does
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator(device=device)
     it = iter(src.stream(StreamPlan(len(src), 0, micro, micro, 1, 0), 0, steps + 1))

@@ -19,7 +19,7 @@ for AdamW, and the updated masters copied back into the bf16 weights.
 Timing: warm-up steps (compilation happens there), then each timed step between CUDA events (wall clock on CPU);
 the median. Peak memory: the largest allocation over warm-up and timed steps (weights, masters, optimizer state,
 EMA, activations). MFU: analytic training FLOPs (benchmarks/flops.py, 3 x forward) x img/s over the peak bf16
-FLOP/s measured in the same run by a large matmul.
+FLOP/s measured in the same run by a large matmul (the datasheet peaks are in env.py).
 """
 import contextlib
 import gc
@@ -34,6 +34,7 @@ import torch
 
 import usp_fast_kernels as kernels
 from usp_fast_benchmarks import flops
+from usp_fast_benchmarks.env import DATASHEET_BF16_TFLOPS, device_name
 from usp_fast.diffusion import create_objective, default_objective
 from usp_fast.ema import EMA
 from usp_fast.models import attention, dit, usp_vit
@@ -50,14 +51,6 @@ OPTIM = {"pretrain": dict(lr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95)),
          "generate": dict(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999))}
 EMA_DECAY = 0.9999
 CLASS_DROPOUT = 0.1
-
-# Datasheet dense bf16 tensor-core peaks (TFLOP/s), by torch.cuda.get_device_name: what `mfu` divides by
-# (`mfu_vs_measured_matmul` divides by the matmul rate measured in the same run).
-DATASHEET_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.4,
-                         "NVIDIA H20": 148.0, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0}
-# Datasheet HBM bandwidth (TB/s), recorded beside the measured copy bandwidth that the kernels' fractions use.
-DATASHEET_HBM_TBPS = {"NVIDIA H100 80GB HBM3": 3.35, "NVIDIA H100 PCIe": 2.0, "NVIDIA H200": 4.8, "NVIDIA H20": 4.0,
-                      "NVIDIA A100-SXM4-80GB": 2.039, "NVIDIA A100-SXM4-40GB": 1.555}
 
 
 @dataclass(frozen=True)
@@ -232,9 +225,8 @@ def peak_tflops(ctx):
     """Peak matmul TFLOP/s measured here: an 8192^3 bf16 matmul on CUDA (cached per process, so every suite of a
     run shares one figure); on CPU a small fp32 one, recorded only as a smoke value."""
     if ctx.on_gpu:
-        name = torch.cuda.get_device_name(ctx.device)
         return {"measured_tflops": _matmul_peak("cuda", 8192, torch.bfloat16), "how": "8192^3 bf16 matmul, median",
-                "datasheet_tflops": DATASHEET_BF16_TFLOPS.get(name),
+                "datasheet_tflops": DATASHEET_BF16_TFLOPS.get(device_name(ctx.device)),
                 "datasheet_note": "vendor datasheet, dense bf16 (not measured)"}
     return {"measured_tflops": _matmul_peak("cpu", 256, torch.float32), "how": "256^3 fp32 matmul on CPU (smoke)",
             "datasheet_tflops": None, "datasheet_note": None}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from usp_fast_benchmarks.env import device_name
+
 WIDTHS = (768, 1024, 1152)  # DiT/ViT-B, -L, -XL
 WARPS = (2, 4, 8, 16)
 PROGRAMS_PER_SM = (2, 4, 8, 16, 32)
@@ -59,7 +61,7 @@ def _measure(forward, which, reps):
 def tune(batch, reps, widths=WIDTHS):
     tu = importlib.import_module("usp_fast_kernels._triton_utils")
     heuristic, entries = tu.launch_config, []
-    device = f"{torch.cuda.get_device_name(0)}, {datetime.date.today().isoformat()}"
+    device = f"{device_name(torch.device('cuda', 0))}, {datetime.date.today().isoformat()}"
     for name in ("ln_modulate", "gate_residual", "gate_residual_ln_modulate"):
         for D in widths:
             for tag, dtype in DTYPES.items():

@@ -12,7 +12,6 @@ import torch
 
 import huggingface_hub
 from huggingface_hub import constants
-from usp_fast import hub
 from usp_fast.artifacts import ExportError
 from usp_fast.cli import main
 from usp_fast.hub import HubError

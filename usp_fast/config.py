@@ -90,8 +90,9 @@ class PretrainModelConfig(ModelConfig):
     decoder_dim: Optional[int] = key(None, "decoder width (unset: the registry's, 512 for B/L/XL)")
     decoder_depth: Optional[int] = key(None, "decoder blocks (unset: the registry's, 8 for B/L/XL)")
     decoder_heads: Optional[int] = key(None, "decoder attention heads (unset: the registry's, 16 for B/L/XL)")
-    mlp_act: Literal["gelu", "gelu_tanh"] = key("gelu", "MLP activation; match the generator it will initialise "
-                                                        "(DiT's is gelu_tanh)")
+    mlp_act: Literal["gelu", "gelu_tanh"] = key("gelu", "MLP activation: gelu (exact, as the official USP/MAE "
+                                                        "pretraining); the DiT/SiT built from it uses gelu_tanh "
+                                                        "either way")
     norm_pix: bool = key(True, "MSE against per-patch-normalised targets (USP/MAE norm-pix loss)")
 
     @field_validator("name")
@@ -421,11 +422,15 @@ def keys_markdown(schemas):
     def shown(d):
         return "unset" if d is None else yaml.safe_dump(d, default_flow_style=True).strip().removesuffix("...").strip()
 
+    def same_as_its_base(cls):  # e.g. the cache stage's schema is the pretrain schema under another name
+        return any(issubclass(cls, other) and other is not cls and schema_keys(other) == schema_keys(cls)
+                   for other in schemas.values())
+
     seen, tables = {}, []
     for stage, cls in schemas.items():
-        rows = schema_keys(cls)
-        if rows in tables:
+        if same_as_its_base(cls):
             continue
+        rows = schema_keys(cls)
         tables.append(rows)
         for k, t, d, doc in rows:
             entry = seen.setdefault(k, {"type": t, "doc": doc, "defaults": {}})

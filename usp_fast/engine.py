@@ -354,7 +354,7 @@ class Trainer:
         for k, v in row.items():
             if k != "step":
                 writer.add_scalar(f"{self.task.name}/{k}", v, row["step"])
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", ips=f"{row['img_per_s']:.0f}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", ips=f"{row['img_per_s']:.0f}", refresh=False)
         log.info(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     def _finish(self):

@@ -17,13 +17,11 @@ terms); a string that is not a local path but is a valid hub id is looked up on 
 be reached (HF_HUB_OFFLINE=1, no network) that is one line (HubError; the CLI prints it and exits 2).
 `from_pretrained` returns (model, meta) as the project's loaders always have; `model.export_meta` is that meta.
 """
-import json
 import os
 from pathlib import Path
 
 from huggingface_hub import ModelHubMixin, PyTorchModelHubMixin
 
-from .artifacts import ExportError
 from .errors import UserError
 
 HUB_ARGS = ("revision", "cache_dir", "force_download", "local_files_only", "token")

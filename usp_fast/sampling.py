@@ -147,10 +147,9 @@ def denoise_picture(sampler, folder, out, num=4, levels=NOISE_LEVELS, seed=0):
     """A picture of what the generator has learned about real images: `num` photos of an ImageFolder (spread
     over its classes, labelled by the model's class names) in the first row, then one row per noise level with
     the model's one-step estimate of each photo from a noised copy. -> the PNG path."""
-    from usp_fast.data.images import IMAGE_EXTENSIONS
-    from usp_fast.restoration import load_images
+    from usp_fast.data.images import image_files, load_images
 
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = image_files(folder)
     if not paths:
         raise UserError(f"images {folder}: no images found")
     paths = [paths[i * len(paths) // num] for i in range(num)] if len(paths) > num else paths

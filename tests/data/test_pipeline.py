@@ -5,7 +5,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import RESOLUTION, make_cfg
 from test_cache import _photo, odd_images  # noqa: F401 - the fixture of every odd input kind

@@ -26,7 +26,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-from ..data.images import IMAGE_EXTENSIONS, load_rgb
+from ..data.images import IMAGE_EXTENSIONS, image_files, load_rgb
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_text
 from .inception import SPATIAL, build_extractor, converted_weights_path, default_cache_dir
@@ -83,7 +83,7 @@ class ImageSource:
         self.path = Path(path)
         self.array, self.files = None, None
         if self.path.is_dir():
-            self.files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            self.files = image_files(self.path)
             if not self.files:
                 raise EvalError(f"{self.path}: no images found (extensions {sorted(IMAGE_EXTENSIONS)})")
         elif self.path.suffix == ".npz" and self.path.is_file():
@@ -383,3 +383,27 @@ def write_result(result, out_path, protocol):
            "reference": result["reference"], "inception": result["inception"]}
     atomic_write_text(out_path, json.dumps(doc, indent=1))
     return doc
+
+
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's (and Binkowski et al.'s) defaults
+
+
+def kid(features_1, features_2, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=0):
+    """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 between two feature sets with the
+    cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over `subsets` random subsets of `subset_size`
+    drawn without replacement from each set (torch-fidelity's `kid_features_to_metric`). Unlike FID it has an
+    unbiased estimator, so it can be compared across small sample counts. The subset size is capped at the
+    smaller set's size (with fewer samples than 1000 each subset is a permutation of the smaller set).
+    -> {"kid", "std" (over the subsets), "subsets", "subset_size"}."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    size = min(subset_size, len(features_1), len(features_2))
+    if size < 2:
+        raise EvalError(f"KID needs at least 2 features per set, got {len(features_1)} and {len(features_2)}")
+    out = kid_features_to_metric(torch.as_tensor(np.asarray(features_1, dtype=np.float64)),
+                                 torch.as_tensor(np.asarray(features_2, dtype=np.float64)),
+                                 kid_subsets=subsets, kid_subset_size=size, kid_kernel="poly",
+                                 kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1,
+                                 rng_seed=seed, verbose=False)
+    return {"kid": out["kernel_inception_distance_mean"], "std": out["kernel_inception_distance_std"],
+            "subsets": subsets, "subset_size": size}

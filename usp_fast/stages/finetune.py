@@ -15,7 +15,6 @@ mean, centre crop, no flip) in runs/<name>/finetune.json.
 """
 import json
 import logging
-from functools import partial
 
 import numpy as np
 import torch
