@@ -29,6 +29,7 @@ setup(
         "tqdm>=4.60,<5",
         "tensorboard>=2.14,<3",
         "scikit-image>=0.22,<0.30",
+        "scikit-learn>=1.3,<2",  # the demo's bundled handwritten digits (no download)
         "numpy>=1.24,<3",
         "pillow>=10,<14",
         "matplotlib>=3.7,<4",

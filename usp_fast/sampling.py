@@ -165,9 +165,10 @@ def denoise_picture(sampler, folder, out, num=4, levels=NOISE_LEVELS, seed=0):
         est = one_step_x0(model, sampler.objective, x0, labels, level, gen)
         rows.append(to_uint8(sampler.vae.decode(sampler.latent_norm.denormalize(est))))
     ddpm = isinstance(sampler.objective, GaussianDiffusion)
-    times = [f"t={ddpm_step(sampler.objective, level)}" if ddpm else f"t={level:g}" for level in levels]
+    times = [f"t={ddpm_step(sampler.objective, level)}" if ddpm
+             else f"t={sampler.objective.time_at_noise_level(level):g}" for level in levels]  # SiT: t = 1 is data
     grid = image_grid(np.concatenate(rows), cols=len(paths), gap=2,
-                      row_labels=["photos", *[f"from {t}" for t in times]])
+                      row_labels=["real", *[f"from {t}" for t in times]])
     save_png(grid, out)
     return Path(out)
 

@@ -1,5 +1,10 @@
-"""The demo dataset: an ImageFolder of real photographs, made from random crops of the photos that ship
-with scikit-image (so the Quickstart needs no download)."""
+"""The demo datasets, made from data that ships inside installed packages (so the Quickstart needs no download):
+  photos: an ImageFolder of random crops of scikit-image's bundled photographs, one class per photo (pretraining
+          and its restoration pictures);
+  digits: scikit-learn's 1,797 handwritten digits (8x8, 16 grey levels, 10 classes) upscaled to PNGs, the
+          generation demo's data: small enough that a CPU-trained SiT learns to draw each class in minutes.
+`make_demo_imagefolder` (data.demo_images > 0) builds digits for a root whose folder name ends in "digits"
+(data/demo_digits) and photo crops for any other root."""
 import logging
 from pathlib import Path
 
@@ -13,9 +18,19 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
           "moon", "page", "coins", "motorcycle_left", "retina")
 
 
+DIGIT_SIDE = 32  # PNG side of a demo digit: the 8x8 scan upscaled 4x (the generate demo reads them at 16 px)
+
+
+def is_digits_root(root):
+    return Path(root).name.lower().endswith("digits")
+
+
 def make_demo_imagefolder(root, num_images, seed=0, min_side=96):
-    """Write `num_images` random crops (JPEG, random size and aspect) into root/train/<photo>/; skipped when
-    the folder already holds that many."""
+    """Write the demo ImageFolder at root, skipped when it already holds `num_images` images: for a root named
+    *digits, the first `num_images` of scikit-learn's digits (see make_digits_imagefolder); otherwise
+    `num_images` random crops (JPEG, random size and aspect) of scikit-image's photos in root/train/<photo>/."""
+    if is_digits_root(root):
+        return make_digits_imagefolder(root, num_images)
     from skimage import data as skdata
 
     train = Path(root) / "train"
@@ -46,4 +61,39 @@ def make_demo_imagefolder(root, num_images, seed=0, min_side=96):
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img[top: top + ch, left: left + cw]).save(out, quality=90)
     log.info("demo: wrote %d real-photo crops in %d classes under %s", num_images, len(photos), train)
+    return train
+
+
+def load_digits_array():
+    """scikit-learn's bundled handwritten digits -> (images uint8 [1797, 8, 8] in 0..255, ink bright; labels)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # a dependency of usp-fast; only a broken install lacks it
+        raise RuntimeError("the digits demo needs scikit-learn (pip install scikit-learn)") from e
+    d = load_digits()
+    return np.round(d.images * (255 / 16)).astype(np.uint8), d.target.astype(np.int64)
+
+
+def digit_pictures(images, side=DIGIT_SIDE):
+    """uint8 [N, 8, 8] digits -> uint8 [N, side, side] pictures: dark ink on white, bicubic-upscaled (a smooth
+    stroke rather than 8x8 blocks)."""
+    return np.stack([np.asarray(Image.fromarray(255 - im).resize((side, side), Image.BICUBIC)) for im in images])
+
+
+def make_digits_imagefolder(root, num_images=1797, side=DIGIT_SIDE):
+    """Write the first `num_images` (at most 1,797) of scikit-learn's handwritten digits as grey (RGB) PNGs of
+    `side` px into root/train/digit<k>/ (the folder order is the digit order, so class k is digit k); skipped
+    when the folder already holds that many."""
+    train = Path(root) / "train"
+    existing = list(train.rglob("*.png")) if train.is_dir() else []
+    images, labels = load_digits_array()
+    num_images = min(int(num_images), len(images))
+    if len(existing) >= num_images:
+        return train
+    for i, (pic, label) in enumerate(zip(digit_pictures(images[:num_images], side), labels[:num_images])):
+        out = train / f"digit{label}" / f"digit{label}_{i:04d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pic).convert("RGB").save(out)
+    log.info("demo: wrote %d handwritten digits (scikit-learn, %d px) in 10 classes under %s", num_images, side,
+             train)
     return train
