@@ -58,23 +58,17 @@ def _split_overrides(overrides):
     return split["pretrain"], split["generate"]
 
 
-def _image_paths(folder):
-    from .data.images import IMAGE_EXTENSIONS
-
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
 def class_means(folder, resolution):
     """An ImageFolder's images as the generator sees them (ADM centre crop at `resolution`), grey -> float
     [num_classes, H, W]: the mean picture of each class, classes in sorted folder order (the label order)."""
     import torch
 
-    from .data.images import load_images
+    from .data.images import image_files, load_images
 
     classes = sorted(p.name for p in Path(folder).iterdir() if p.is_dir())
     means = []
     for name in classes:
-        paths = _image_paths(Path(folder) / name)
+        paths = image_files(Path(folder) / name)
         total = torch.zeros(resolution, resolution, dtype=torch.float64)
         for i in range(0, len(paths), 256):
             total += load_images(paths[i:i + 256], resolution).double().mean(1).sum(0)  # grey = mean of RGB
@@ -200,11 +194,11 @@ def run_demo(overrides=()):
 def _write_reference(folder, resolution, out, num=None):
     """Real images as the generator sees them (ADM centre crop at its resolution; `num` of them evenly spread
     over the sorted files, so over the class folders, or all) -> an ADM-format .npz."""
-    from .data.images import load_images
+    from .data.images import image_files, load_images
     from .io import atomic_path
     from .pictures import to_uint8
 
-    paths = _image_paths(folder)
+    paths = image_files(folder)
     if num is not None and len(paths) > num:
         paths = [paths[i * len(paths) // num] for i in range(num)]
     images = np.concatenate([to_uint8(load_images(paths[i:i + 64], resolution)) for i in range(0, len(paths), 64)])
