@@ -92,3 +92,15 @@ def test_show_round_trips_and_keys_cover_every_field(tmp_path):
 def test_the_key_table_in_docs_is_generated_from_the_schema():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert keys_markdown() in doc, "docs/configuration.md's key table is stale: paste `usp-fast config keys --markdown`"
+
+
+@pytest.mark.parametrize("override, key", [("train.max_steps=-5", "train.max_steps"), ("train.epochs=0", "train.epochs"),
+                                           ("train.run_steps=0", "train.run_steps"), ("sample.batch=0", "sample.batch"),
+                                           ("sample.num_images=0", "sample.num_images"),
+                                           ("sample.steps=0", "sample.steps")])
+def test_lengths_that_would_do_nothing_are_one_line_errors(override, key):
+    """Today's faults: max_steps=-5 and epochs=0 exited 0 having trained nothing; sample.batch=0 was a
+    ZeroDivisionError traceback."""
+    with pytest.raises(ConfigError, match=rf"override '{override}'.*must be positive") as e:
+        load_config(None, [override], stage="generate")
+    assert "\n" not in str(e.value) and key.split(".")[1] in str(e.value)

@@ -165,9 +165,11 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _batches(self):
-        for name in ("global_batch", "micro_batch", "log_every", "ckpt_every", "keep_last"):
-            if getattr(self, name) <= 0:
+        for name in ("global_batch", "micro_batch", "log_every", "ckpt_every", "keep_last", "max_steps", "run_steps"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:  # 0 or less would train nothing, silently
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.epochs <= 0:
+            raise ValueError(f"train.epochs must be positive, got {self.epochs}")
         if self.global_batch % self.micro_batch:
             raise ValueError(f"train.global_batch {self.global_batch} is not a multiple of train.micro_batch "
                              f"{self.micro_batch}")
@@ -258,6 +260,15 @@ class SampleSection(Section):
     clip_denoised: Literal["auto", "on", "off"] = key(
         "auto", "DiT samplers: clamp each step's predicted x0 to the autoencoder's value range (ADM's pixel-space "
                 "clip_denoised); auto: on for vae.name=pixels (bounded), off for learned VAEs (unbounded, as DiT)")
+
+    @model_validator(mode="after")
+    def _positive(self):
+        for name in ("num_images", "batch", "steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"sample.{name} must be positive, got {getattr(self, name)}")
+        if self.grid < 0:
+            raise ValueError(f"sample.grid must be 0 or more, got {self.grid}")
+        return self
 
 
 class GenerateConfig(Config):

@@ -74,9 +74,9 @@ def test_smoke_preset_end_to_end_and_resumes(tmp_path, capsys):
         floors = doc["reference"][dataset]["floors"]
         assert floors["recon"]["fid"] > 0 and floors["real_subset"]["fid"] > 0
     assert doc["reference"]["imagenet"]["real_images"] == preset.num_images
-    for target in ("normpix", "raw"):
-        assert doc["pretrain"][target]["curve"][-1][0] == preset.pretrain.steps
-    assert set(doc["probe"]) == {"usp", "usp_no_normpix", "random_init"}
+    assert doc["pretrain"]["normpix"]["curve"][-1][0] == preset.pretrain.steps
+    assert "raw" not in doc["pretrain"]  # pretrained only for a usp_no_normpix arm, which smoke does not have
+    assert set(doc["probe"]) == {"usp", "random_init"}
     assert all(0 <= v["top1"] <= 100 and v["num_eval"] == preset.clothing_test for v in doc["probe"].values())
     assert set(doc["summary"]) == {"dit", "sit", "clothing_dit"}
     for group, s in doc["summary"].items():
@@ -89,7 +89,8 @@ def test_smoke_preset_end_to_end_and_resumes(tmp_path, capsys):
     assert [d["pretrain_steps"] for d in dose] == [0, 3, 6]
     assert [d["arm"] for d in dose] == ["usp_random", "usp_pt3", "usp"]
     assert doc["pretrain"]["normpix_pt3"]["curve"][-1][0] == 3
-    assert all(isinstance(v, bool) for v in doc["goal"].values()) and len(doc["goal"]) == 8
+    # dit and sit reach, usp and usp_no_ln beat scratch, usp beats usp_no_ln (usp_random is reported, never scored)
+    assert all(isinstance(v, bool) for v in doc["goal"].values()) and len(doc["goal"]) == 5, doc["goal"]
 
     samples = _picture(out / doc["files"]["samples"])
     assert samples.shape[0] >= (4 + len(expected)) * 128  # real + recon rows per dataset, then one row per arm
