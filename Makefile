@@ -16,8 +16,8 @@ $(STAMP): setup.py constraints.txt
 demo: $(STAMP)  ## Quickstart 1: the whole chain on the built-in demo (pictures, samples, FID) and a summary
 	$(VENV)/bin/usp-fast demo
 
-test: $(STAMP)  ## Quickstart 2: the test suite (CPU, fp32)
-	$(VENV)/bin/python -m pytest -q tests
+test: $(STAMP)  ## Quickstart 2: the test suite (CPU, fp32), one pytest-xdist worker per core, a test file per worker
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(VENV)/bin/usp-fast bench --suite all
