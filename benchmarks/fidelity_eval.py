@@ -133,8 +133,8 @@ class Evaluator:
 
     def sample(self, ckpt, arm):
         """`eval.num_samples` images of `ckpt`'s EMA weights -> (uint8 [N, H, W, 3], sampler method). Sampler writes
-        them into a samples.npy in a scratch folder, deleted once read."""
-        from usp_fast.sampling import Sampler
+        them into a samples.npz in a scratch folder, deleted once read."""
+        from usp_fast.sampling import Sampler, merge_shards
         from usp_fast.stages import load_config
 
         e = self.p.eval
@@ -149,7 +149,8 @@ class Evaluator:
             sampler = Sampler(cfg, self.device)
             sampler.open_output()
             sampler.fill()
-            return np.load(sampler.npy), sampler.method
+            with np.load(merge_shards(sampler.out)) as z:
+                return z["arr_0"], sampler.method
 
 
 class FastFID:

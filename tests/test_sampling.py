@@ -1,5 +1,8 @@
-"""usp_fast/sample.py: deterministic per seed on any rank count, finite, CFG scale 1 = conditional, ADM .npz."""
+"""usp_fast/sampling.py: deterministic per seed on any rank count, finite, CFG scale 1 = conditional, ADM .npz,
+resumable after a kill on any rank count."""
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +11,12 @@ import torch
 
 from conftest import gen_cfg
 from usp_fast.diffusion import create_objective
+from usp_fast import sampling
 from usp_fast.ema import EMA
+from usp_fast.errors import UserError
+from usp_fast.pictures import image_grid
 from usp_fast.stages.generate import GenerateStage
-from usp_fast.sampling import Sampler, batch_generator, load_generator, run, sample_latents
+from usp_fast.sampling import Sampler, batch_generator, load_generator, merge_shards, run, sample_latents, shard_path
 from usp_fast.vae import LatentNorm
 
 
@@ -70,6 +76,98 @@ def test_two_ranks_make_the_same_images_as_one(dit_cfg, tmp_path):
     assert np.array_equal(np.load(two["npz"])["arr_0"], np.load(one["npz"])["arr_0"])
 
 
+class Preempted(Exception):
+    pass
+
+
+def _record_batches(monkeypatch, die_after=None):
+    """Patch sample_latents to record the global batches made, and to raise Preempted (a killed rank) when asked
+    for one more after `die_after`. -> the list of batch indices made."""
+    real, made = sampling.sample_latents, []
+
+    def sample_latents(model, objective, scfg, method, k, *args, **kwargs):
+        if len(made) == die_after:
+            raise Preempted
+        made.append(k)
+        return real(model, objective, scfg, method, k, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample_latents", sample_latents)
+    return made
+
+
+def test_a_killed_run_resumes_on_any_rank_count_to_the_same_npz(dit_cfg, tmp_path, monkeypatch, caplog):
+    sizes = ("sample.num_images=10", "sample.batch=2")  # 5 batches: of 2 ranks, rank 0 makes 0, 2, 4, rank 1 1, 3
+    whole = run(dit_cfg(f"sample.out_dir={tmp_path / 'whole'}", *sizes))
+    killed = Sampler(dit_cfg(f"sample.out_dir={tmp_path / 'one'}", *sizes))
+    killed.open_output()
+    for rank, die_after in ((1, 1), (0, 2)):  # rank 1 dies after its first batch, rank 0 after its second
+        with monkeypatch.context() as m, pytest.raises(Preempted):
+            _record_batches(m, die_after)
+            killed.fill(rank, 2)
+    assert sorted(p.name for p in killed.shards.iterdir()) == [
+        "batch_000000.npy", "batch_000001.npy", "batch_000002.npy", "plan.json"]
+    shutil.copytree(tmp_path / "one", tmp_path / "two")  # the same killed run, to resume on 2 ranks
+
+    caplog.set_level(logging.INFO, logger="usp_fast.sampling")
+    one = run(dit_cfg(f"sample.out_dir={tmp_path / 'one'}", *sizes))  # resumed on 1 rank
+    assert "3 of 5 batches already done" in caplog.text
+    resumed = Sampler(dit_cfg(f"sample.out_dir={tmp_path / 'two'}", *sizes))
+    resumed.open_output()
+    with monkeypatch.context() as m:
+        made = _record_batches(m)
+        for rank in (0, 1):
+            resumed.fill(rank, 2)
+    assert made == [4, 3]  # only the missing batches
+    two = resumed.finalize(world=2)
+
+    want = np.load(whole["npz"])["arr_0"]
+    for got, folder in ((one, tmp_path / "one"), (two, tmp_path / "two")):
+        assert np.array_equal(np.load(got["npz"])["arr_0"], want)
+        assert sorted(p.name for p in folder.iterdir()) == ["grid.png", "samples.json", "samples.npz"]
+
+
+def test_the_grid_is_the_first_rows_of_the_npz(dit_cfg, tmp_path):
+    from PIL import Image
+
+    out = run(dit_cfg(f"sample.out_dir={tmp_path}", "sample.num_images=10", "sample.batch=4", "sample.grid=5"))
+    first = np.load(out["npz"])["arr_0"][:5]  # from 2 of the 3 batches
+    assert np.array_equal(np.asarray(Image.open(out["grid"]).convert("RGB")), image_grid(first))
+
+
+def test_torn_or_unfinished_shards_are_made_again_and_a_complete_set_only_merged(dit_cfg, tmp_path, monkeypatch):
+    cfg = dit_cfg(f"sample.out_dir={tmp_path}", "sample.num_images=10", "sample.batch=4")
+    sampler = Sampler(cfg)
+    sampler.open_output()
+    sampler.fill()
+    want = np.concatenate([np.load(shard_path(sampler.shards, k)) for k in range(3)])
+    torn = shard_path(sampler.shards, 1)
+    torn.write_bytes(torn.read_bytes()[:1000])  # a copy cut short
+    shard_path(sampler.shards, 2).rename(sampler.shards / ".batch_000002.npy.tmp999")  # killed before its rename
+    with pytest.raises(UserError, match="2 of 3 batches are missing or incomplete"):
+        merge_shards(tmp_path)
+    with monkeypatch.context() as m:
+        made = _record_batches(m)
+        sampler.fill()
+        assert made == [1, 2]
+        out = run(cfg)  # killed before the merge: the rerun finds every batch and only merges
+    assert made == [1, 2]
+    assert np.array_equal(np.load(out["npz"])["arr_0"], want)
+
+
+def test_other_samples_in_the_same_out_dir_are_refused(dit_cfg, tmp_path):
+    Sampler(dit_cfg(f"sample.out_dir={tmp_path}")).open_output()
+    Sampler(dit_cfg(f"sample.out_dir={tmp_path}", "sample.grid=3")).open_output()  # the same images: resumes
+    with pytest.raises(UserError, match=r"\(seed 0 -> 1; steps 4 -> 8\)") as e:
+        Sampler(dit_cfg(f"sample.out_dir={tmp_path}", "sample.seed=1", "sample.steps=8")).open_output()
+    assert "\n" not in str(e.value)
+
+
+def test_another_vae_than_the_model_was_trained_on_is_a_user_error(dit_cfg):
+    with pytest.raises(UserError, match=r"^vae.name=pixels \(fingerprint \w+\) is not the VAE this model was "
+                                        r"trained on: set vae.name=\S*tiny_vae"):
+        Sampler(dit_cfg("vae.name=pixels"))
+
+
 def test_ema_weights_are_the_default(dit_cfg):
     cfg = dit_cfg()
     path = Path(cfg.run.out_dir) / cfg.run.name / "generator"
@@ -125,8 +223,6 @@ def test_fixed_classes_give_one_labelled_row_per_class(dit_cfg, tmp_path):
 
 
 def test_classes_outside_the_model_or_for_an_unconditional_model_are_refused(dit_cfg, tmp_path):
-    from usp_fast.errors import UserError
-
     cfg = dit_cfg(f"sample.out_dir={tmp_path / 'x'}", "sample.classes=[99]")
     model, _ = load_generator(Sampler(cfg).ckpt)
     with pytest.raises(UserError, match=r"sample.classes \[99\]"):

@@ -3,7 +3,7 @@ from a lower layer to a higher one. Layers, lowest first:
 
   0  base      errors, io, seeding, progress
   1  core      dist, pictures, optim, ema, the kernels package
-  2  library   config, models, diffusion, vae, data, metrics, artifacts, hub, transfer, official, engine,
+  2  library   config, models, diffusion, vae, data, metrics, artifacts, run_folder, hub, transfer, official, engine,
                sampling, restoration, evaluation
   3  stages    the Stage contract, the registry, run_stage
   4  front     cli, demo, train, __main__
@@ -19,7 +19,7 @@ LAYERS = [
     ("usp_fast.errors", "usp_fast.io", "usp_fast.seeding", "usp_fast.progress"),
     ("usp_fast", "usp_fast.dist", "usp_fast.pictures", "usp_fast.optim", "usp_fast.ema", "usp_fast_kernels"),
     ("usp_fast.config", "usp_fast.models", "usp_fast.diffusion", "usp_fast.vae", "usp_fast.data", "usp_fast.metrics",
-     "usp_fast.artifacts", "usp_fast.hub", "usp_fast.transfer", "usp_fast.official", "usp_fast.engine",
+     "usp_fast.artifacts", "usp_fast.run_folder", "usp_fast.hub", "usp_fast.transfer", "usp_fast.official", "usp_fast.engine",
      "usp_fast.sampling", "usp_fast.restoration", "usp_fast.evaluation"),
     ("usp_fast.stages",),
     ("usp_fast.cli", "usp_fast.demo", "usp_fast.train", "usp_fast.__main__"),

@@ -15,6 +15,7 @@ Exports load in one line: `USPViT.from_pretrained(dir)`, `DiT.from_pretrained(di
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -116,16 +117,13 @@ def latest_good_checkpoint(root):
     return None
 
 
-def resolve_resume(resume, root):
-    """--resume: None/'' (fresh run), 'auto' (the newest good checkpoint, if any) or a checkpoint folder (which
-    must pass its integrity check)."""
-    if not resume:
-        return None
-    if resume == "auto":
-        return latest_good_checkpoint(root)
-    path = Path(resume)
-    verify_checkpoint(path)
-    return path
+def prune_checkpoints(root, step, keep_last):
+    """After saving `step`: delete all but the newest `keep_last` finished checkpoints up to it, the new one
+    always kept, counted whether or not they would pass their integrity check. Checkpoints past `step` are never
+    touched (usp_fast.run_folder refuses to resume below them without --overwrite, which deletes them)."""
+    older = [p for s, p in complete_checkpoints(root) if s < step]
+    for old in older[:max(len(older) - (keep_last - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _model_states_file(ckpt_dir):
@@ -177,10 +175,32 @@ def save_encoder(model, out_dir, model_name, vae_identity=None, resolution=None,
     return out_dir
 
 
-def load_encoder(path):
-    """-> (state_dict, meta). `path` is the export directory or its encoder.safetensors."""
+def _export_json(path, what, fix="copy the export folder again"):
+    """An export's JSON description; a damaged one -> ExportError naming the file."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ExportError(f"{path}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); expected the "
+                          f"JSON description of {what}: {fix}") from None
+    if not isinstance(meta, dict):
+        raise ExportError(f"{path}: a JSON {type(meta).__name__}, expected the JSON object describing {what}")
+    return meta
+
+
+def _export_tensors(path, what):
+    """An export's safetensors file; a truncated or foreign one -> ExportError naming the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ExportError(f"{path}: damaged or truncated ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          f"expected the weights of {what}: copy the export folder again") from None
+
+
+def load_encoder(path):
+    """-> (state_dict, meta). `path` is the export directory or its encoder.safetensors."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f"{path} does not exist: expected an encoder export folder from --stage pretrain "
@@ -190,10 +210,11 @@ def load_encoder(path):
     for f in (st, js):
         if not f.is_file():
             raise ExportError(f"{f} is missing: expected an encoder export from --stage pretrain")
-    meta = json.loads(js.read_text())
+    what = "an encoder export from --stage pretrain"
+    meta = _export_json(js, what)
     if meta.get("format") != ENCODER_FORMAT:
         raise ExportError(f"{js}: format {meta.get('format')!r}, expected {ENCODER_FORMAT!r}")
-    return load_file(str(st)), meta
+    return _export_tensors(st, what), meta
 
 
 # ---- the generator export ----
@@ -213,17 +234,21 @@ def save_generator(out_dir, weights, ema_weights, meta):
 def load_generator_weights(path, use_ema=True):
     """A generator/ folder or a checkpoint folder of a generate run -> (fp32 state dict, meta). A checkpoint's
     model description is its run's generator.json."""
-    from safetensors.torch import load_file
-
+    what = "a generator export from --stage generate"
     path = Path(path)
     if (path / "generator.json").exists():
-        meta = json.loads((path / "generator.json").read_text())
-        state = load_file(str(path / ("ema.safetensors" if use_ema else "model.safetensors")))
+        meta = _export_json(path / "generator.json", what)
+        weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
+        if not weights.is_file():
+            raise ExportError(f"{weights} is missing: expected {what} (model.safetensors, ema.safetensors, "
+                              "generator.json)")
+        state = _export_tensors(weights, what)
     elif (path / COMPLETE).exists():
         desc = path.parent.parent / "generator.json"
         if not desc.is_file():
             raise ExportError(f"{desc} is missing: {path} is not a checkpoint of a generate run")
-        meta = json.loads(desc.read_text())
+        meta = _export_json(desc, "a generate run's generator", "copy the run folder again, or sample from its "
+                            "generator/ folder")
         state, client = read_checkpoint(path)
         if use_ema:
             ema = (client.get("task") or {}).get("ema")

@@ -1,6 +1,6 @@
 """The `usp-fast` command (also `python -m usp_fast`; `deepspeed usp_fast/train.py ...` is `usp-fast train ...`).
 
-    usp-fast train --stage STAGE --config FILE [--resume auto|DIR] [key=value ...]
+    usp-fast train --stage STAGE --config FILE [--resume auto|DIR] [--overwrite] [key=value ...]
     usp-fast sample --config FILE [sample.key=value ...]
     usp-fast evaluate SAMPLES REFERENCE [--out FILE] [--protocol key=value ...]
     usp-fast restore --run DIR --images DIR [--mask-ratio R] [--num 8]
@@ -32,7 +32,8 @@ def cmd_train(args):
     from .dist import env_rank
 
     cfg = load_config(args.config, args.overrides, stage=args.stage)
-    result = run_stage(args.stage, cfg, resume=args.resume, log_to_run=True)
+    result = run_stage(args.stage, cfg, resume=args.resume, log_to_run=True, overwrite=args.overwrite,
+                       allow_config_change=args.allow_config_change)
     if env_rank() == 0:
         rdir = run_dir(cfg.run)
         print(f"\nDone ({args.stage}). Run directory: {rdir}")
@@ -148,13 +149,16 @@ def build_parser():
     t.add_argument("--stage", required=True, choices=list(STAGES))
     t.add_argument("--config", required=True, help="YAML config (configs/<stage>/<name>.yaml)")
     t.add_argument("--resume", default=None, help="'auto' (newest good checkpoint) or a checkpoint folder")
-    t.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds an earlier run (deleting its checkpoints, exports "
+                        "and metrics), or with --resume DIR delete the checkpoints newer than DIR")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume although the config changes the training (lr, batch, schedule, model, data, ...)")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=100")
     t.set_defaults(func=cmd_train)
 
     s = _subparser(sub, "sample", help="sample a trained DiT/SiT to an ADM .npz and a PNG grid")
     s.add_argument("--config", required=True, help="the generate run's YAML config")
-    s.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("overrides", nargs="*", help="config overrides, e.g. sample.num_images=64")
     s.set_defaults(func=cmd_sample)
 
@@ -218,8 +222,21 @@ def build_parser():
     return p
 
 
+def _take_local_rank(argv):
+    """The deepspeed launcher adds --local_rank=N (after the script or `--module usp_fast`, before the command):
+    move it into LOCAL_RANK, where every other launcher puts it."""
+    out, it = [], iter(argv)
+    for a in it:
+        if a.startswith("--local_rank"):
+            value = a.split("=", 1)[1] if "=" in a else next(it, "0")
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _take_local_rank(sys.argv[1:] if argv is None else list(argv))
     debug = argv[:1] == ["--debug"]
     if argv[debug:debug + 1] == ["bench"]:  # everything after `bench` is benchmarks/run.py's, options included
         args = argparse.Namespace(command="bench", func=cmd_bench, debug=debug, bench_args=argv[debug + 1:])
@@ -230,7 +247,8 @@ def main(argv=None):
     except UserError as e:
         if args.debug:
             raise
-        if int(os.environ.get("RANK", 0)) == 0:  # (usp_fast.dist.env_rank, without importing torch)
+        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("OMPI_COMM_WORLD_RANK")
+        if int(rank or 0) == 0:  # (usp_fast.dist.env_rank, without importing torch)
             print(f"usp-fast {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

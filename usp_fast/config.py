@@ -192,7 +192,16 @@ class PretrainConfig(Config):
 
 
 class CacheStageConfig(PretrainConfig):
-    pass
+    """--stage cache reads only run, data, vae and cache, so it takes any stage's config file: the cache a generate
+    (finetune, probe) run trains on is built from that run's own config, and the other stages' groups (model,
+    optim, train, generate, ...) are ignored rather than checked against the pretrain schema."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ignore_training_groups(cls, values):
+        if isinstance(values, dict):
+            values = {k: v for k, v in values.items() if k not in _training_groups()}
+        return values
 
 
 # ---- generate ----
@@ -313,6 +322,12 @@ class ProbeConfig(Config):
     probe: ProbeSection = ProbeSection()
 
 
+def _training_groups():
+    """The groups of every stage's schema that building a latent cache does not read."""
+    stages = (PretrainConfig, GenerateConfig, FinetuneConfig, ProbeConfig)
+    return {group for cls in stages for group in cls.model_fields} - {"run", "data", "vae", "cache"}
+
+
 # ---- loading ----
 def _format_error(err, source, cls):
     """The first pydantic error as one line: source, dotted key, what was expected, what was given."""
@@ -370,9 +385,19 @@ def read_yaml(path):
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not a text file (byte {e.start} is not UTF-8); expected a YAML "
+                          "mapping of groups (configs/<stage>/<name>.yaml)") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:  # one line: what is wrong, and where
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {what}") from None
 
 
 def parse_config(cls, path=None, overrides=()):

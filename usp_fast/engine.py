@@ -5,7 +5,10 @@ import json
 import logging
 import math
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -14,18 +17,20 @@ from . import dist
 from .config import to_dict
 from .data.cache import default_cache_dir, open_cache
 from .data.stream import CacheStream, StreamPlan
-from .artifacts import (checkpoint_root, checkpoint_tag, complete_checkpoints, read_metrics, resolve_resume, run_dir,
+from .artifacts import (checkpoint_root, checkpoint_tag, complete_checkpoints, prune_checkpoints, read_metrics, run_dir,
                         truncate_metrics, write_complete_marker)
-from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, TrainingDiverged, UserError
 from .io import atomic_write_text
 from .optim import base_lr, lr_at
 from .pictures import plot_training_curves
 from .progress import progress_bar
+from .run_folder import RunFolderError, RunLock, choose_start, disk_full_is_one_line
 from .seeding import step_seed
 from .vae import LatentNorm
 
 log = logging.getLogger(__name__)
 
+UNIVERSAL = ".universal"  # under checkpoints/: a checkpoint converted to load on another number of ranks
 
 
 def compute_dtype(cfg, device):
@@ -108,14 +113,40 @@ class LogWindow:
         self.start, self.tick = start, time.time()
 
 
+def saved_world_size(ckpt_dir):
+    """The number of ranks a DeepSpeed checkpoint's optimizer is partitioned over (one file per rank; 0: not
+    partitioned, ZeRO-0 fp32, which loads on any number of ranks)."""
+    return len(list(Path(ckpt_dir).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
+def to_universal(ckpt_dir, out_root):
+    """A checkpoint partitioned over another number of ranks -> DeepSpeed's universal checkpoint of it (one file
+    per parameter and optimizer state, loadable on any number of ranks) at <out_root>/<tag>. Rank 0 only."""
+    out = Path(out_root) / Path(ckpt_dir).name
+    if (out / "zero").is_dir():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir),
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise CheckpointError(f"checkpoint {ckpt_dir} could not be converted to a universal checkpoint for another "
+                              f"number of ranks: {tail[0]}")
+    return out
+
+
 class Trainer:
-    def __init__(self, cfg, task, resume=None):
+    def __init__(self, cfg, task, resume=None, overwrite=False, allow_config_change=False):
+        """`resume`: None (a fresh run), 'auto' or a checkpoint folder; `overwrite`, `allow_config_change`: what
+        usp_fast.run_folder.choose_start permits."""
         import deepspeed
 
         self.cfg, self.task = cfg, task
         self.rank, self.world, self.device = dist.init()
         self.run_dir = run_dir(cfg.run)
         self.ckpt_root = checkpoint_root(self.run_dir)
+        self.lock, ckpt = self._open_run_folder(resume, overwrite, allow_config_change)
         self.dtype = compute_dtype(cfg, self.device)
         if self.device.type == "cuda" and self.dtype == torch.float32:  # fp32 recipe: TF32 matmuls, as DiT/SiT
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -135,10 +166,18 @@ class Trainer:
         self.latent_norm = task.latent_norm(self.manifest)  # the run's one normalisation: exports record it
         model = task.build_model(self.manifest, self.latent_norm).to(self.device)
         optimizer = task.build_optimizer(task.param_groups(model), self.base_lr)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.world, self.dtype))
+        ds_config = deepspeed_config(cfg, self.world, self.dtype)
+        saved_world = saved_world_size(ckpt) if ckpt is not None else 0
+        if saved_world and saved_world != self.world:  # resume on another number of ranks
+            log.info("checkpoint %s holds %d optimizer partitions, this run has %d ranks: loading it as a universal "
+                     "checkpoint", ckpt, saved_world, self.world)
+            if dist.is_main():
+                to_universal(ckpt, self.ckpt_root / UNIVERSAL)
+            dist.barrier()
+            ckpt = self.ckpt_root / UNIVERSAL / ckpt.name
+            ds_config["checkpoint"] = {"load_universal": True}
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.start_step = 0
-        ckpt = resolve_resume(resume, self.ckpt_root)
         if ckpt is not None:
             self._load(ckpt)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +190,30 @@ class Trainer:
                      "latents" if cfg.data.source == "cache" else "images (online encode)", self.world,
                      t.global_batch, t.micro_batch, self.plan.accum, self.steps_per_epoch, self.total_steps,
                      self.base_lr, str(self.dtype).replace("torch.", ""), self.device.type, t.zero_stage)
+
+    def _open_run_folder(self, resume, overwrite, allow_config_change):
+        """Rank 0 locks the run folder and chooses the checkpoint to start from (usp_fast.run_folder); every rank
+        gets its choice, or its error. -> (the lock or None, checkpoint path or None)."""
+        lock = ckpt = error = None
+        if dist.is_main():
+            try:
+                lock = RunLock(self.run_dir)
+                ckpt = choose_start(self.run_dir, resume, overwrite, allow_config_change, to_dict(self.cfg))
+            except UserError as e:
+                if lock is not None:
+                    lock.release()
+                error = e
+        ckpt, message = dist.broadcast_from_main((ckpt, None if error is None else str(error)))
+        if error is not None:
+            raise error
+        if message is not None:  # the other ranks stop too; the command line prints rank 0's line only
+            raise RunFolderError(message)
+        return lock, ckpt
+
+    def close(self):
+        """Release the run folder (the end of train(); a Trainer that never trains releases it when collected)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _data_source(self, cfg):
         """Sets self.manifest (what the task builds its model from) and returns the sample source."""
@@ -170,14 +233,23 @@ class Trainer:
 
     # ---- checkpoints ----
     def _save(self, step):
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
         tag = checkpoint_tag(step)
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag,
-                                    client_state={"step": step, "task": self.task.state_dict()})
+        client = {"step": step, "task": self.task.state_dict(),  # the info lets ds_to_universal convert it
+                  UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        try:
+            with disk_full_is_one_line(self.ckpt_root, f"checkpoint {tag}"):
+                self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, client_state=client)
+        except UserError:
+            shutil.rmtree(self.ckpt_root / tag, ignore_errors=True)  # unfinished: give the space back
+            raise
         dist.barrier()
         if dist.is_main():
             write_complete_marker(self.ckpt_root / tag, step)
-            for _, old in complete_checkpoints(self.ckpt_root)[: -self.cfg.train.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(self.ckpt_root, step, self.cfg.train.keep_last)
+            shutil.rmtree(self.ckpt_root / UNIVERSAL, ignore_errors=True)  # converted copies: this world has its own
             log.info("checkpoint %s", self.ckpt_root / tag)
             self._plot()
         dist.barrier()
@@ -249,6 +321,12 @@ class Trainer:
     def train(self):
         """Steps from start_step to the end of this invocation: step, then (at log intervals) log and check, then
         save on the checkpoint cadence; a final checkpoint, then the stage's exports. -> the stage's result."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self):
         t = self.cfg.train
         end = self.total_steps if t.run_steps is None else min(self.total_steps, self.start_step + t.run_steps)
         window = LogWindow(self.device, self.start_step)
@@ -363,7 +441,8 @@ class Trainer:
         module = self.engine.module
         epoch = self.total_steps / self.steps_per_epoch
         with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.train.zero_stage == 3):
-            with fp32_master_weights(module):  # exports carry the fp32 masters, not the bf16 module weights
+            with fp32_master_weights(module), disk_full_is_one_line(self.run_dir, "the exports"):
+                # exports carry the fp32 masters, not the bf16 module weights
                 result = self.task.finish(module, self.run_dir, self.manifest, self.latent_norm, self.total_steps,
                                           epoch) \
                     if dist.is_main() else {}

@@ -6,6 +6,11 @@ EMA weights by default, and writes into sample.out_dir:
   samples.npz  uint8 [N, H, W, 3] under 'arr_0': the ADM / guided-diffusion evaluator's FID input
   grid.png     the first sample.grid images
   samples.json what produced them (checkpoint, step, sampler, steps, guidance, seed)
+While it runs, each global batch is its own file shards/batch_KKKKKK.npy (written atomically) beside
+shards/plan.json (what the images depend on). A killed run resumes: rerun the same command, on any number of
+ranks, and only the missing batches are made; the shards are merged into samples.npz at the end and deleted.
+All ranks must see the same sample.out_dir (a shared filesystem), or the shards are copied together and the
+command rerun on one rank, which then only merges (merge_shards).
 Samplers: DiT: ddpm (respaced ancestral, 250 steps default) or ddim; SiT: sde, ode-dopri5, ode-heun or ode-euler
 (Euler-Maruyama, last step the mean). Guidance: sample.cfg_scale on the prediction channels (first
 sample.cfg_channels latent channels; the DiT/SiT reference guides 3 of 4); DiT's variance channels are never guided.
@@ -17,6 +22,7 @@ gives the same images on any number of ranks (for a fixed batch size and device 
 import json
 import logging
 import math
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -64,6 +70,12 @@ def fixed_class(scfg, i):
     return scfg.classes[(i // classes_per_row(scfg)) % len(scfg.classes)]
 
 
+def sampler_options(scfg, method):
+    """The sample.* keys that `method` reads besides the steps, as the sampler's keyword arguments."""
+    return ({"eta": scfg.ddim_eta} if method == "ddim" else {"last_step_size": scfg.sde_last_step} if method == "sde"
+            else {"atol": scfg.ode_atol, "rtol": scfg.ode_rtol} if method == "ode-dopri5" else {})
+
+
 @torch.no_grad()
 def sample_latents(model, objective, scfg, method, k, size, device, x0_range=None):
     """Global batch k of `size` images -> (latents [size, C, h, w] fp32, labels [size]). x0_range: see
@@ -88,8 +100,7 @@ def sample_latents(model, objective, scfg, method, k, size, device, x0_range=Non
     else:
         labels = torch.randint(0, cfg.num_classes, (size,), device=device, generator=gen)
     model_fn = guided_model(model, labels, scfg.cfg_scale, cfg.null_class, scfg.cfg_channels)
-    extra = ({"eta": scfg.ddim_eta} if method == "ddim" else {"last_step_size": scfg.sde_last_step} if method == "sde"
-             else {"atol": scfg.ode_atol, "rtol": scfg.ode_rtol} if method == "ode-dopri5" else {})
+    extra = sampler_options(scfg, method)
     if x0_range is not None:
         extra["x0_range"] = tuple(r.to(device) for r in x0_range)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=scfg.precision == "bf16" and device.type == "cuda")
@@ -180,6 +191,65 @@ def npy_to_npz(npy_path, npz_path):
             zf.write(npy_path, arcname="arr_0.npy")
 
 
+# ---- shards: one .npy per global batch, so a killed run resumes on any number of ranks ----------------------
+def num_batches(plan):
+    return math.ceil(plan["num_images"] / plan["batch"])
+
+
+def shard_path(shards, k):
+    return Path(shards) / f"batch_{k:06d}.npy"
+
+
+def batch_shape(plan, k):
+    """uint8 [size, H, W, 3] of global batch k (the last batch may be short)."""
+    n, b, side = plan["num_images"], plan["batch"], plan["image_size"]
+    return min(b, n - k * b), side, side, 3
+
+
+def shard_complete(path, shape):
+    """Whether `path` holds a whole uint8 batch of `shape`: anything else (absent, truncated by a copy, another
+    run's size) is made again rather than trusted."""
+    try:
+        images = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return False
+    return images.dtype == np.uint8 and images.shape == tuple(shape)
+
+
+def missing_batches(shards, plan):
+    return [k for k in range(num_batches(plan)) if not shard_complete(shard_path(shards, k), batch_shape(plan, k))]
+
+
+def check_shards(shards, plan):
+    missing = missing_batches(shards, plan)
+    if missing:
+        raise UserError(f"{shards}: {len(missing)} of {num_batches(plan)} batches are missing or incomplete (first: "
+                        f"{missing[0]}); rerun the same `usp-fast sample` command (any number of GPUs) to make them, "
+                        "or first copy every node's shards/ files into this folder")
+
+
+def merge_shards(out_dir):
+    """<out_dir>/shards/ (all batches of its plan.json) -> <out_dir>/samples.npz, streamed through samples.npy so
+    that no more than one batch is in memory; the shards are deleted once the .npz is in place. -> the .npz path."""
+    out = Path(out_dir)
+    shards = out / "shards"
+    if not (shards / "plan.json").is_file():
+        raise UserError(f"{shards}/plan.json not found: {out} holds no sampling shards to merge")
+    plan = json.loads((shards / "plan.json").read_text())
+    check_shards(shards, plan)
+    npy, b = out / "samples.npy", plan["batch"]
+    images = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8,
+                                       shape=(plan["num_images"], plan["image_size"], plan["image_size"], 3))
+    for k in range(num_batches(plan)):
+        images[k * b:(k + 1) * b] = np.load(shard_path(shards, k))
+    images.flush()
+    del images
+    npy_to_npz(npy, out / "samples.npz")
+    npy.unlink()
+    shutil.rmtree(shards)
+    return out / "samples.npz"
+
+
 class Sampler:
     """Everything one sampling job needs; `run` drives it. The steps are separate so that tests can play several
     ranks in one process: open_output (rank 0), fill (every rank), finalize (rank 0)."""
@@ -189,7 +259,7 @@ class Sampler:
 
         self.cfg, self.scfg = cfg, cfg.sample
         if self.scfg.precision not in ("fp32", "bf16"):
-            raise ValueError(f"sample.precision {self.scfg.precision!r}: expected fp32 or bf16")
+            raise UserError(f"sample.precision {self.scfg.precision!r}: expected fp32 or bf16")
         self.device = torch.device(device)
         self.ckpt = find_checkpoint(cfg)
         self.model, self.meta = load_generator(self.ckpt, self.scfg.ema)
@@ -197,72 +267,94 @@ class Sampler:
         self.method = DEFAULT_METHOD[self.meta["objective"]] if self.scfg.method == "auto" else self.scfg.method
         self.objective = create_objective(self.meta["objective"], self.model.cfg.learn_sigma)
         self.vae = load_vae(cfg.vae.name, cfg.vae.scale, device=self.device)
+        trained = self.meta.get("vae") or {}
+        if trained.get("fingerprint") and self.vae.identity["fingerprint"] != trained["fingerprint"]:
+            raise UserError(f"vae.name={cfg.vae.name} (fingerprint {self.vae.identity['fingerprint']}) is not the VAE "
+                            f"this model was trained on: set vae.name={trained.get('name')} (fingerprint "
+                            f"{trained['fingerprint']})")
         self.latent_norm = LatentNorm.of(self.meta)  # undone before decoding
         self.x0_range = denoised_range(self.scfg, self.objective, self.vae, self.latent_norm)
-        want = (self.meta.get("vae") or {}).get("fingerprint")
-        if want and self.vae.identity["fingerprint"] != want:
-            raise ValueError(f"vae {cfg.vae.name!r} (fingerprint {self.vae.identity['fingerprint']}) is not the VAE "
-                             f"this model was trained on ({self.meta['vae'].get('name')!r}, fingerprint {want})")
         self.side = self.meta["latent_size"] * self.vae.downsample
         s = self.scfg
         tag = (f"{self.ckpt.name}-{'ema' if s.ema else 'raw'}-{self.method}{s.steps}-cfg{s.cfg_scale:g}"
                f"{'' if s.cfg_channels is None else f'c{s.cfg_channels}'}-seed{s.seed}"
                f"{'-classes' if s.classes else ''}")
         self.out = Path(s.out_dir) if s.out_dir else Path(cfg.run.out_dir) / cfg.run.name / "samples" / tag
-        self.npy = self.out / "samples.npy"
+        self.shards = self.out / "shards"
+        # everything the images depend on (a resumed run must not mix two), as JSON reads it back
+        self.plan = json.loads(json.dumps({
+            "checkpoint": str(self.ckpt), "step": self.meta.get("step"),
+            "vae": {k: self.vae.identity[k] for k in ("name", "scale", "fingerprint")},
+            "method": self.method, "steps": s.steps, "sampler_options": sampler_options(s, self.method),
+            "cfg_scale": s.cfg_scale, "cfg_channels": s.cfg_channels, "ema": s.ema, "seed": s.seed,
+            "classes": list(s.classes) or None, "num_images": s.num_images, "batch": s.batch,
+            "image_size": self.side, "precision": s.precision, "clip_denoised": self.x0_range is not None}))
 
     @property
     def num_batches(self):
-        return math.ceil(self.scfg.num_images / self.scfg.batch)
+        return num_batches(self.plan)
 
     def open_output(self):
-        self.out.mkdir(parents=True, exist_ok=True)
-        shape = (self.scfg.num_images, self.side, self.side, 3)
-        np.lib.format.open_memmap(self.npy, mode="w+", dtype=np.uint8, shape=shape).flush()
-        log.info("sampling %d images (%s, %s %d steps, cfg %g, %s weights, seed %d) from %s into %s", shape[0],
-                 self.meta["model"], self.method, self.scfg.steps, self.scfg.cfg_scale,
-                 "EMA" if self.scfg.ema else "raw", self.scfg.seed, self.ckpt, self.out)
+        """Rank 0, before any fill: record the plan in shards/plan.json, or refuse one that differs from it."""
+        self.shards.mkdir(parents=True, exist_ok=True)
+        path = self.shards / "plan.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            diff = [f"{k} {old.get(k)!r} -> {self.plan.get(k)!r}" for k in sorted(old.keys() | self.plan.keys())
+                    if old.get(k) != self.plan.get(k)]
+            if diff:
+                raise UserError(f"sample.out_dir {self.out} holds the shards of other samples ({'; '.join(diff)}): "
+                                f"choose another sample.out_dir, or delete {self.shards} to start over")
+        else:
+            atomic_write_text(path, json.dumps(self.plan, indent=1))
+        done = self.num_batches - len(missing_batches(self.shards, self.plan))
+        log.info("sampling %d images (%s, %s %d steps, cfg %g, %s weights, seed %d) from %s into %s: %d of %d "
+                 "batches already done", self.scfg.num_images, self.meta["model"], self.method, self.scfg.steps,
+                 self.scfg.cfg_scale, "EMA" if self.scfg.ema else "raw", self.scfg.seed, self.ckpt, self.out, done,
+                 self.num_batches)
 
     def fill(self, rank=0, world=1):
-        """Make global batches rank, rank + world, ... and write them into their rows of samples.npy."""
+        """Make those of global batches rank, rank + world, ... that have no complete shard yet."""
         from usp_fast.progress import progress_bar
 
-        n, b = self.scfg.num_images, self.scfg.batch
-        images = np.lib.format.open_memmap(self.npy, mode="r+")
-        for k in progress_bar(range(rank, self.num_batches, world), desc="sample", unit="batch", disable=rank != 0):
-            size = min(b, n - k * b)
-            latents, _ = sample_latents(self.model, self.objective, self.scfg, self.method, k, size, self.device,
-                                        self.x0_range)
-            images[k * b:k * b + size] = to_uint8(self.vae.decode(self.latent_norm.denormalize(latents)))
-        images.flush()
+        self.shards.mkdir(parents=True, exist_ok=True)  # a node without the shared filesystem keeps its own
+        todo = [k for k in range(rank, self.num_batches, world)
+                if not shard_complete(shard_path(self.shards, k), batch_shape(self.plan, k))]
+        for k in progress_bar(todo, desc="sample", unit="batch", disable=rank != 0):
+            latents, _ = sample_latents(self.model, self.objective, self.scfg, self.method, k,
+                                        batch_shape(self.plan, k)[0], self.device, self.x0_range)
+            images = to_uint8(self.vae.decode(self.latent_norm.denormalize(latents)))
+            with atomic_path(shard_path(self.shards, k)) as tmp, open(tmp, "wb") as f:
+                np.save(f, images)
 
     def finalize(self, world=1):
-        npz = self.out / "samples.npz"
-        npy_to_npz(self.npy, npz)
-        self.npy.unlink()
+        """Rank 0, after every fill: grid.png and samples.json from the shards, then merge_shards (last, so that a
+        run killed in here finds its shards again and only merges)."""
+        check_shards(self.shards, self.plan)
         s = self.scfg
-        images = np.load(npz)["arr_0"][: s.grid]
-        if s.classes:  # one class per row, labelled with its name
-            cols = classes_per_row(s)
-            names = self.meta.get("class_names") or []
-            rows = [fixed_class(s, r * cols) for r in range((len(images) + cols - 1) // cols)]
-            labels = [f"{c}: {names[c]}" if c < len(names) else str(c) for c in rows]
-            grid = image_grid(images, cols=cols, row_labels=labels)
-        else:
-            grid = image_grid(images)
-        save_png(grid, self.out / "grid.png")
-        info = {"checkpoint": str(self.ckpt), "model": self.meta["model"], "step": self.meta.get("step"),
-                "method": self.method, "steps": s.steps, "cfg_scale": s.cfg_scale, "cfg_channels": s.cfg_channels,
-                "ema": s.ema, "seed": s.seed, "classes": s.classes or None, "num_images": s.num_images,
-                "batch": s.batch, "image_size": self.side,
-                "precision": s.precision, "world_size": world, "clip_denoised": self.x0_range is not None}
+        result = {"npz": str(self.out / "samples.npz")}
+        n = min(s.grid, s.num_images)
+        if n:
+            images = np.concatenate([np.load(shard_path(self.shards, k)) for k in range(math.ceil(n / s.batch))])[:n]
+            if s.classes:  # one class per row, labelled with its name
+                cols = classes_per_row(s)
+                names = self.meta.get("class_names") or []
+                rows = [fixed_class(s, r * cols) for r in range((len(images) + cols - 1) // cols)]
+                labels = [f"{c}: {names[c]}" if c < len(names) else str(c) for c in rows]
+                grid = image_grid(images, cols=cols, row_labels=labels)
+            else:
+                grid = image_grid(images)
+            result["grid"] = str(save_png(grid, self.out / "grid.png"))
+        info = {**self.plan, "model": self.meta["model"], "world_size": world}
         atomic_write_text(self.out / "samples.json", json.dumps(info, indent=1))
-        log.info("wrote %s and %s", npz, self.out / "grid.png")
-        return {"npz": str(npz), "grid": str(self.out / "grid.png")}
+        merge_shards(self.out)
+        log.info("wrote %s", ", ".join(result.values()))
+        return result
 
 
 def run(cfg, device="cpu", rank=0, world=1):
-    """Generate cfg.sample.num_images images on this rank of `world` -> dict of output paths (rank 0)."""
+    """Generate cfg.sample.num_images images on this rank of `world` -> dict of output paths (rank 0). Resumes the
+    batches already in sample.out_dir/shards/; with all of them there it only merges."""
     device = torch.device(device)
     if device.type == "cuda":  # fp32 sampling with TF32 matmuls, as DiT's sampler
         torch.backends.cuda.matmul.allow_tf32 = True

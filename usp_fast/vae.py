@@ -198,6 +198,11 @@ def _fingerprint(module):
     return h.hexdigest()[:16]
 
 
+def _first_line(e, limit=200):
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(e).__name__
+
+
 def load_vae(name, scale=0.18215, device="cpu", dtype=torch.float32, seed=0):
     from diffusers import AutoencoderKL
 
@@ -218,7 +223,14 @@ def load_vae(name, scale=0.18215, device="cpu", dtype=torch.float32, seed=0):
         kind = "pixels"
     elif Path(name).is_dir() and _taesd_files(name):
         enc, dec = _taesd_files(name)
-        load = lambda p: torch.load(p, map_location="cpu", weights_only=True)  # noqa: E731
+
+        def load(p):
+            try:
+                return torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - truncated or foreign: pickle, zip and runtime errors
+                raise VAEError(f"vae.name={name}: {p} cannot be read as a TAESD state dict "
+                               f"({type(e).__name__}: {_first_line(e)}); copy the weights again") from None
+
         module = TinyAutoencoder(load(enc), load(dec), name)
         kind = "taesd"
     elif Path(name).is_dir():
@@ -226,17 +238,26 @@ def load_vae(name, scale=0.18215, device="cpu", dtype=torch.float32, seed=0):
             raise VAEError(f"vae '{name}' is a directory without config.json: expected a diffusers AutoencoderKL "
                            "folder (as written by AutoencoderKL.save_pretrained) or TAESD weights "
                            "(<x>_encoder.pth and <x>_decoder.pth)")
-        module = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)
+        try:
+            module = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)
+        except Exception as e:  # noqa: BLE001 - missing or truncated weights: OSError, safetensors and json errors
+            raise VAEError(f"vae.name={name}: not a loadable diffusers AutoencoderKL folder "
+                           f"({type(e).__name__}: {_first_line(e)}); it needs config.json and "
+                           "diffusion_pytorch_model.safetensors (or .bin) in full: copy or download it again") from None
         kind = "local"
+    elif Path(name).is_absolute() or str(name).startswith((".", "~")) or str(name).count("/") > 1:  # not a hub id
+        raise VAEError(f"vae.name={name}: no such folder; expected a diffusers AutoencoderKL folder, a TAESD weights "
+                       "folder, a hub id (org/name) in the local cache, pixels[:F] or random-sd")
     else:
         try:
             module = AutoencoderKL.from_pretrained(name, local_files_only=True, low_cpu_mem_usage=False)
         except Exception as e:  # noqa: BLE001 - diffusers raises several types for a missing cache entry
             raise VAEError(
-                f"vae '{name}' is neither a local directory nor in the local model cache, and this run does not "
-                f"download weights. Download it once elsewhere (AutoencoderKL.from_pretrained('{name}')"
-                ".save_pretrained(DIR)), copy DIR here and pass vae.name=DIR, or use vae.name=random-sd for a "
-                f"smoke run. ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+                f"vae.name={name} is neither a local folder nor in the local Hugging Face cache, and runs never "
+                f"download weights: on a machine with network run `hf download {name} --local-dir DIR` (older "
+                f"huggingface_hub: `huggingface-cli download {name} --local-dir DIR`, or AutoencoderKL"
+                f".from_pretrained('{name}').save_pretrained(DIR)), copy DIR here and set vae.name=DIR (or "
+                f"vae.name=random-sd for a smoke run) ({type(e).__name__}: {_first_line(e)})") from None
         kind = "hub-cache"
     module = module.to(device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
     if kind == "taesd":

@@ -38,7 +38,7 @@ def test_cache_stage_refuses_a_cache_built_with_other_settings(tmp_path, built_c
     assert _files(cache_dir) == before  # nothing written, nothing removed (manifest bytes included)
 
     same = make_cfg(tmp_path, root, tiny_vae_dir, stage="cache")  # same settings: reused, and the log says so
-    with caplog.at_level(logging.INFO, logger="usp_fast.stages.cache"):
+    with caplog.at_level(logging.INFO, logger="usp_fast.data.prepare"):
         assert prepare_data(same, build_missing=True) == cache_dir
     assert "matches the config: reusing it" in caplog.text
     assert _files(cache_dir) == before

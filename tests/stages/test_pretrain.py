@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,17 +91,18 @@ def test_lr_schedule_warmup_steps_overrides_warmup_epochs():
 
 
 def test_two_process_deepspeed_sees_each_sample_once_per_epoch(tmp_path, built_cache, tiny_vae_dir):
-    """`deepspeed --num_gpus 2` on CPU (gloo): ranks train on disjoint halves of each epoch."""
+    """`deepspeed --num_gpus 2 --module usp_fast` on CPU (gloo): one world, whose ranks train on disjoint halves
+    of each epoch."""
     n = 40
     args = [f"run.out_dir={tmp_path / 'runs'}", "run.name=ddp", "data.demo_images=0", f"data.root={built_cache.data.root}",
             f"data.cache_dir={built_cache.data.cache_dir}", "data.resolution=64", "data.num_workers=0",
             f"vae.name={tiny_vae_dir}", "vae.scale=0.18215", "vae.normalize=none", "model.name=usp_vit_test", "train.global_batch=8", "train.micro_batch=2",
             "train.max_steps=10", "train.log_every=5", "train.audit_samples=true", "train.zero_stage=2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # `deepspeed --module usp_fast train ...`: from any directory (cwd is the test's folder), --local_rank taken
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29533",
-           str(REPO / "usp_fast" / "train.py"), "--stage", "pretrain", "--config",
+           "--module", "usp_fast", "train", "--stage", "pretrain", "--config",
            str(REPO / "configs" / "pretrain" / "demo.yaml"), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "runs" / "ddp"
     per_rank = []

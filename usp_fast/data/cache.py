@@ -25,7 +25,7 @@ import torch
 from ..errors import DataError
 from ..io import atomic_path, atomic_write_text
 from ..progress import progress_bar
-from .images import draw_view, image_list_hash, list_images
+from .images import LABELS_HINT, draw_view, image_list_hash, is_flat_folder, list_images
 from .pipeline import make_decoder
 
 log = logging.getLogger(__name__)
@@ -123,13 +123,10 @@ def check_cache_settings(cache_dir, cfg, list_hash=None, num_images=None, vae_id
     cache_dir = Path(cache_dir)
     manifest_path, build_path = cache_dir / "manifest.json", cache_dir / "build.json"
     record = {}
-    for path in (build_path, manifest_path):  # the manifest wins where both record a field
-        if path.exists():
-            try:
-                record.update(json.loads(path.read_text()))
-            except (OSError, ValueError) as e:
-                raise CacheError(f"{path}: unreadable ({type(e).__name__}: {e}); choose another data.cache_dir "
-                                 "or delete it") from e
+    if build_path.exists():
+        record.update(_read_json(build_path, "choose another data.cache_dir, or delete the folder to rebuild"))
+    if manifest_path.exists():  # the manifest wins where both record a field
+        record.update(read_manifest(cache_dir))
     if not record:
         if cache_dir.is_dir() and any(cache_dir.glob("shard_*")):
             raise CacheError(f"{cache_dir} holds cache shards but no build.json or manifest.json saying how they "
@@ -159,7 +156,32 @@ def check_cache_settings(cache_dir, cfg, list_hash=None, num_images=None, vae_id
     if diff:
         raise CacheError(f"{cache_dir} holds a different cache ({state}): {'; '.join(diff)}. Nothing was changed: "
                          "choose another data.cache_dir, or delete it to rebuild")
-    return json.loads(manifest_path.read_text()) if state == "complete" else None
+    return read_manifest(cache_dir) if state == "complete" else None
+
+
+def _read_json(path, fix):
+    """A JSON record of the cache; a damaged one (a torn write, a disk error) -> CacheError naming it and `fix`."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise CacheError(f"{path}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {fix}") from None
+    if not isinstance(value, dict):
+        raise CacheError(f"{path}: damaged (a JSON {type(value).__name__}, expected an object); {fix}")
+    return value
+
+
+REBUILD = "run `usp-fast train --stage cache` with the same config"
+
+
+def read_manifest(cache_dir):
+    """<cache_dir>/manifest.json; a damaged one -> CacheError saying how to rewrite it (from the finished shards)."""
+    return _read_json(Path(cache_dir) / "manifest.json", f"delete it and {REBUILD} to rewrite it from the finished "
+                                                         "shards")
+
+
+def _shard_fix(npy):
+    return (f"delete {npy.name}, {npy.with_suffix('.json').name} and manifest.json, then {REBUILD} to re-encode "
+            "that shard")
 
 
 def _show(v):
@@ -234,7 +256,7 @@ def _write_manifest(cache_dir, cfg, vae, items, classes, num_shards, list_hash):
         npy, js = _shard_paths(cache_dir, i)
         if not js.exists():
             raise CacheError(f"{cache_dir}: shard {i} is missing after the build; run --stage cache again")
-        meta = json.loads(js.read_text())
+        meta = _read_json(js, _shard_fix(npy))
         shards.append({"file": npy.name, "count": len(meta["indices"])})
         count += len(meta["indices"])
         skipped += meta["skipped"]
@@ -251,8 +273,14 @@ def _write_manifest(cache_dir, cfg, vae, items, classes, num_shards, list_hash):
         "vae": vae.identity, "image_list_sha256": list_hash, "latent_mean": mean, "latent_std": std,
         "latent_posterior_var": posterior_var, "latent_stats_over": f"{1 + cfg.cache.views} views",
         "num_classes": len(classes), "class_names": classes, "shards": shards,
+        # false: a flat folder of images (no class subfolders), every label 0: fine for pretraining and
+        # unconditional generation, refused by stages that need labels (check_labelled)
+        "labelled": cfg.data.file_list is not None or not is_flat_folder(cfg.data.root),
     }
     atomic_write_text(cache_dir / "manifest.json", json.dumps(manifest, indent=1))
+    if not manifest["labelled"]:
+        log.warning("cache: %s has no class subfolders: every label is 0 (fine for pretraining and unconditional "
+                    "generation; stages that need labels refuse this cache)", cfg.data.root)
     if skipped:
         log.warning("cache: %d of %d images skipped as unreadable (listed in manifest.json 'skipped'):\n  %s",
                     len(skipped), len(items), "\n  ".join(s["error"] for s in skipped[:20]))
@@ -276,12 +304,14 @@ def check_manifest(cache_dir, cfg):
     cache_dir = Path(cache_dir)
     status = cache_status(cache_dir)
     if status == "missing":
-        raise CacheError(f"no latent cache at {cache_dir}: build it with `--stage cache` (same config)")
+        raise CacheError(f"no latent cache at {cache_dir}: build it with `usp-fast train --stage cache` and the same "
+                         "config file and overrides")
     if status == "partial":
         done = len(list(cache_dir.glob("shard_*.json")))
         raise CacheError(f"latent cache {cache_dir} is partial ({done} shards, no manifest): an interrupted "
-                         "build; run `--stage cache` with the same config to finish it")
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
+                         "build; run `usp-fast train --stage cache` with the same config file and overrides to "
+                         "finish it")
+    manifest = read_manifest(cache_dir)
     got = {"format": manifest.get("format"), "resolution": manifest.get("resolution"), "crop": manifest.get("crop"),
            "vae.name": manifest.get("vae", {}).get("name"), "vae.scale": manifest.get("vae", {}).get("scale")}
     diff = [f"{k}: cache has {got[k]!r}, config expects {v!r}" for k, v in expected_fields(cfg).items() if got[k] != v]
@@ -290,6 +320,31 @@ def check_manifest(cache_dir, cfg):
     for s in manifest["shards"]:
         if not (cache_dir / s["file"]).exists():
             raise CacheError(f"latent cache {cache_dir}: shard file {s['file']} listed in the manifest is missing")
+        _open_shard(cache_dir / s["file"], s["count"])  # a truncated or replaced shard fails here, not in a worker
+    return manifest
+
+
+def _open_shard(npy, count=None):
+    """Memory-map a shard; a truncated, foreign or short one -> CacheError naming it and how to rebuild it."""
+    try:
+        array = np.load(npy, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:  # a truncated file: "mmap length is greater than file size"
+        raise CacheError(f"{npy}: damaged shard ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         f"{_shard_fix(npy)}") from None
+    if array.ndim != 7 or (count is not None and array.shape[0] != count):
+        raise CacheError(f"{npy}: damaged shard (shape {list(array.shape)}, the manifest lists {count} latents); "
+                         f"{_shard_fix(npy)}")
+    return array
+
+
+def check_labelled(manifest, cache_dir, key="data.cache_dir", hint=""):
+    """Refuse a cache whose labels are all 0 because it was built from a flat folder (manifest 'labelled' false;
+    caches from before the field are taken as labelled) where a stage needs class labels."""
+    if manifest.get("labelled") is False:
+        raise CacheError(f"{key}: latent cache {cache_dir} was built from a folder with no class subfolders, so "
+                         f"every label in it is 0, and this stage needs class labels: {LABELS_HINT}, then build "
+                         f"a new cache with `usp-fast train --stage cache` (delete this one or choose another "
+                         f"cache folder){hint}")
     return manifest
 
 
@@ -301,7 +356,8 @@ class LatentCache:
         self._arrays = None  # opened lazily, so each DataLoader worker maps the files itself
         labels, owner, row = [], [], []
         for s_idx, s in enumerate(manifest["shards"]):
-            meta = json.loads((self.dir / s["file"].replace(".npy", ".json")).read_text())
+            npy = self.dir / s["file"]
+            meta = _read_json(npy.with_suffix(".json"), _shard_fix(npy))
             labels += meta["labels"]
             owner += [s_idx] * s["count"]
             row += list(range(s["count"]))
@@ -317,7 +373,7 @@ class LatentCache:
 
     def read(self, indices, flips, views=None):
         if self._arrays is None:
-            self._arrays = [np.load(self.dir / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
+            self._arrays = [_open_shard(self.dir / s["file"]) for s in self.manifest["shards"]]
         first = self._arrays[0]
         views = np.zeros(len(indices), dtype=np.int64) if views is None else views
         out = np.empty((len(indices), 2) + first.shape[4:], dtype=first.dtype)

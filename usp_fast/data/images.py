@@ -31,8 +31,28 @@ class SourceError(DataError):
     pass
 
 
-def list_images(root=None, file_list=None):
-    """-> (items [(path, label)], class_names). `root` may hold `train/` or be the class-directory level."""
+# How to give a flat folder (images with no class subfolders, e.g. ImageNet's val/) its labels.
+LABELS_HINT = ("put the images in one subfolder per class (<root>/<class>/*.JPEG; ImageNet's flat val/: move each "
+               "image into its class folder with the devkit's labels), or list 'path label' lines in data.file_list")
+
+
+def class_root(root):
+    """The class-directory level of data.root: its train/ when it has one."""
+    root = Path(root)
+    return root / "train" if (root / "train").is_dir() else root
+
+
+def is_flat_folder(root):
+    """data.root holds no class subfolders: its images are one class, every label 0 (pretraining and
+    unconditional generation are fine with that; a stage that needs labels is not)."""
+    root = class_root(root)
+    return root.is_dir() and not any(d.is_dir() for d in root.iterdir())
+
+
+def list_images(root=None, file_list=None, need_labels=False, hint=""):
+    """-> (items [(path, label)], class_names). `root` may hold `train/` or be the class-directory level; a flat
+    folder of images is one class (label 0), refused with `need_labels` (a stage that trains or evaluates on
+    class labels; `hint` ends the message, e.g. the stage's label-free option)."""
     if (root is None) == (file_list is None):
         raise SourceError("data: set exactly one of data.root (an ImageFolder tree) or data.file_list")
     if file_list is not None:
@@ -40,8 +60,7 @@ def list_images(root=None, file_list=None):
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"data.root {root} is not a directory (expected train/<class>/*.JPEG)")
-    if (root / "train").is_dir():
-        root = root / "train"
+    root = class_root(root)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     items = []
     if classes:
@@ -52,6 +71,9 @@ def list_images(root=None, file_list=None):
         items = [(str(p), 0) for p in sorted(root.iterdir()) if _is_image(p)]
     if not items:
         raise SourceError(f"data.root {root}: no images found (extensions {sorted(IMAGE_EXTENSIONS)})")
+    if need_labels and len(classes) == 1 and is_flat_folder(root):
+        raise SourceError(f"data.root {root}: {len(items)} images directly in the folder and no class subfolders, "
+                          f"so every label would be 0, and this stage needs class labels: {LABELS_HINT}{hint}")
     return items, classes
 
 

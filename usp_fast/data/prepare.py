@@ -2,28 +2,39 @@
 import logging
 
 from .. import dist
-from .cache import build_cache, cache_status, check_cache_settings, default_cache_dir, default_cache_dir_for
+from .cache import (build_cache, cache_status, check_cache_settings, check_labelled, default_cache_dir,
+                    default_cache_dir_for, read_manifest)
 from .demo import make_demo_imagefolder
 from .images import SourceError, image_list_hash, list_images
 
 log = logging.getLogger(__name__)
 
 
-def check_data_source(data, need_images, vae_name=None):
+def check_data_source(data, need_images, vae_name=None, need_labels=False, labels_hint=""):
     """Fail fast, before any VAE or model loads, on a data source that cannot work: with `need_images` the image
-    list must be non-empty (demo folders are made later, so they pass); else a complete latent cache must exist."""
+    list must be non-empty (demo folders are made later, so they pass); else a complete latent cache must exist.
+    With `need_labels` (a stage that trains on class labels) a flat image folder, or a cache built from one, is
+    refused; `labels_hint` ends that message (e.g. the stage's label-free option)."""
     if data.demo_images:
         return
     if need_images:
-        list_images(data.root, data.file_list)
+        list_images(data.root, data.file_list, need_labels=need_labels, hint=labels_hint)
         return
     if data.root is None and data.file_list is None and data.cache_dir is None:
         raise SourceError("data: set data.cache_dir (a latent cache) or data.root / data.file_list (images)")
     cache_dir = default_cache_dir_for(data, vae_name)
     status = cache_status(cache_dir)
     if status != "complete":
-        raise SourceError(f"latent cache {cache_dir} is {status}: build it with --stage cache (same config), or set "
-                          "data.auto_cache=true")
+        raise SourceError(f"latent cache {cache_dir} is {status}: build it with `usp-fast train --stage cache` and "
+                          "the same config file and overrides, or set data.auto_cache=true")
+    if need_labels:
+        check_labelled(read_manifest(cache_dir), cache_dir, hint=labels_hint)
+
+
+def check_labelled_cache(cache_dir, key):
+    """A stage's held-out cache (finetune/probe.val_cache_dir), when already built, must have class labels."""
+    if cache_dir and cache_status(cache_dir) == "complete":
+        check_labelled(read_manifest(cache_dir), cache_dir, key)
 
 
 def prepare_data(cfg, build_missing, reuse_complete=False):

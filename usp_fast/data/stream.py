@@ -18,11 +18,12 @@ from ..seeding import epoch_rng
 class StreamPlan:
     def __init__(self, num_samples, seed, global_batch, micro_batch, world_size, rank, flip=True, views=1,
                  drop_last=False):
-        if global_batch % (micro_batch * world_size):
-            raise ValueError(f"train.global_batch {global_batch} must be a multiple of train.micro_batch "
-                             f"{micro_batch} x {world_size} ranks")
+        from ..errors import ConfigError
+
+        if global_batch % (micro_batch * world_size):  # (Stage.check_inputs checks it first, from the environment)
+            raise ConfigError(f"train.global_batch {global_batch} must be a multiple of train.micro_batch "
+                              f"{micro_batch} x {world_size} ranks")
         if drop_last and num_samples < global_batch:
-            from ..errors import ConfigError
             raise ConfigError(f"train.drop_last: the data has {num_samples} samples, fewer than one global batch "
                               f"({global_batch}), so an epoch has no step; lower train.global_batch or set "
                               "train.drop_last=false")

@@ -42,10 +42,11 @@ def keys_markdown():
     return table({name: stage_class(name).config for name in STAGES})
 
 
-def run_stage(name, config, overrides=(), resume=None, log_to_run=False):
+def run_stage(name, config, overrides=(), resume=None, log_to_run=False, overwrite=False, allow_config_change=False):
     """Run stage `name`, the one way a stage is started (the command line's `usp-fast train` calls it too):
     `config` is a YAML path, a dict of groups or a validated config; `overrides` are 'a.b=value' strings;
-    `resume` is None, 'auto' or a checkpoint folder; `log_to_run` sends the log to <run>/train.log as well.
+    `resume` is None, 'auto' or a checkpoint folder; `log_to_run` sends the log to <run>/train.log as well;
+    `overwrite` and `allow_config_change` are the command line's flags (usp_fast.run_folder: what they permit).
     The inputs are checked before any process group, VAE, model or data is touched. -> the stage's result."""
     from .. import dist
     from ..artifacts import run_dir
@@ -58,4 +59,4 @@ def run_stage(name, config, overrides=(), resume=None, log_to_run=False):
     if log_to_run:
         dist.setup_logging(dist.env_rank(), run_dir(cfg.run))
     dist.init()
-    return stage.run(resume=resume) or {}
+    return stage.run(resume=resume, overwrite=overwrite, allow_config_change=allow_config_change) or {}

@@ -7,6 +7,23 @@ the progress bar); stages that do not train per step (cache, probe) override `ru
 """
 
 
+def check_batches(train, world=None):
+    """train.global_batch must be a whole number of micro-batches on every rank: a multiple of train.micro_batch x
+    the world size (from the environment unless given). Raises ConfigError listing the valid global batches."""
+    from ..dist import env_world_size
+    from ..errors import ConfigError
+
+    world, source = env_world_size() if world is None else (world, None)
+    step = train.micro_batch * world
+    if world > 0 and train.global_batch % step:
+        where = f" ({source}={world})" if source else ""
+        fits = [d for d in range(1, train.global_batch // world + 1) if train.global_batch % (d * world) == 0]
+        other = f", or keep it with a train.micro_batch of {', '.join(map(str, fits[-6:]))}" if fits else ""
+        raise ConfigError(f"train.global_batch {train.global_batch} is not a multiple of train.micro_batch "
+                          f"{train.micro_batch} x {world} ranks{where} = {step}: valid global batches are the "
+                          f"multiples of {step} ({', '.join(str(step * k) for k in range(1, 5))}, ...){other}")
+
+
 class Stage:
     #: stage name as given to --stage
     name = ""
@@ -14,6 +31,8 @@ class Stage:
     config = None
     #: does the stage need class labels from the cache
     needs_labels = False
+    #: does train.global_batch split over the ranks (the shared loop; not probe, which trains in one process)
+    splits_batch = True
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -25,16 +44,28 @@ class Stage:
         from ..data.prepare import check_data_source
 
         d = self.cfg.data
-        check_data_source(d, need_images=d.source == "online" or d.auto_cache, vae_name=self.cfg.vae.name)
+        if self.splits_batch:
+            check_batches(self.cfg.train)
+        check_data_source(d, need_images=d.source == "online" or d.auto_cache, vae_name=self.cfg.vae.name,
+                          need_labels=self.labels_required(), labels_hint=self.labels_hint)
 
-    def run(self, resume=None):
-        """Prepare the data (latent cache or online source), then train with the shared loop. -> result dict."""
+    def labels_required(self):
+        """Does this run train (or evaluate) on class labels? Then a flat image folder, whose labels would all be 0,
+        is refused. Default: `needs_labels`."""
+        return self.needs_labels
+
+    #: ends the message refusing unlabelled data (e.g. the stage's label-free option)
+    labels_hint = ""
+
+    def run(self, resume=None, overwrite=False, allow_config_change=False):
+        """Prepare the data (latent cache or online source), then train with the shared loop (`resume`,
+        `overwrite`, `allow_config_change`: see usp_fast.run_folder). -> result dict."""
         from ..engine import Trainer
         from ..data.prepare import prepare_data
 
         prepare_data(self.cfg, build_missing=self.cfg.data.auto_cache and self.cfg.data.source == "cache",
                      reuse_complete=True)
-        return Trainer(self.cfg, self, resume=resume).train()
+        return Trainer(self.cfg, self, resume, overwrite, allow_config_change).train()
 
     # ---- what the Trainer calls ----
     def build_model(self, manifest, latent_norm):

@@ -12,6 +12,6 @@ class CacheStage(Stage):
     def check_inputs(self):
         check_data_source(self.cfg.data, need_images=True, vae_name=self.cfg.vae.name)
 
-    def run(self, resume=None):
+    def run(self, resume=None, overwrite=False, allow_config_change=False):
         cache_dir = prepare_data(self.cfg, build_missing=True)
         return {"cache": str(cache_dir)}

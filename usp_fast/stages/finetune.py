@@ -65,6 +65,12 @@ class FinetuneStage(Stage):
         self.mixup = None
         self.num_classes = None
 
+    def check_inputs(self):
+        from ..data.prepare import check_labelled_cache
+
+        super().check_inputs()
+        check_labelled_cache(self.cfg.finetune.val_cache_dir, "finetune.val_cache_dir")
+
     def latent_norm(self, manifest):
         """Online images have no cache statistics: then the normalisation the encoder was pretrained in (its export
         records it) is the one to fine-tune in, when it is the vae.normalize mode asked for."""

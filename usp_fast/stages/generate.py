@@ -84,6 +84,11 @@ class GenerateStage(Stage):
         self.null_class = None
         self.run_dir = run_dir(cfg.run)
 
+    labels_hint = ", or set generate.unconditional=true to train without labels"
+
+    def labels_required(self):
+        return not self.cfg.generate.unconditional
+
     def check_inputs(self):
         super().check_inputs()
         if self.init_path is not None and not (self.init_path / "encoder.json").is_file():

@@ -39,10 +39,15 @@ class ProbeStage(Stage):
     one process (rank 0) does it all while other ranks wait."""
     name = "probe"
     config = ProbeConfig
+    needs_labels = True  # the heads train and evaluate on the cache's class labels
+    splits_batch = False  # rank 0 trains the heads alone: train.global_batch is not split over ranks
 
     def check_inputs(self):
+        from usp_fast.data.prepare import check_labelled_cache
+
         super().check_inputs()
         p = self.cfg.probe
+        check_labelled_cache(p.val_cache_dir, "probe.val_cache_dir")
         if bool(p.encoder) == bool(p.generator):
             raise ConfigError("probe: set exactly one of probe.encoder (an encoder export) or probe.generator "
                               "(a generate run's generator/ or checkpoint folder)")
@@ -50,7 +55,7 @@ class ProbeStage(Stage):
             raise ConfigError(f"probe.encoder {p.encoder} is not a folder: expected an encoder export "
                               "(runs/<pretrain>/export)")
 
-    def run(self, resume=None):
+    def run(self, resume=None, overwrite=False, allow_config_change=False):
         from usp_fast import dist
 
         rank, _, device = dist.init()
