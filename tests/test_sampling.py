@@ -12,7 +12,6 @@ import torch
 from conftest import gen_cfg
 from usp_fast.diffusion import create_objective
 from usp_fast import sampling
-from usp_fast.ema import EMA
 from usp_fast.errors import UserError
 from usp_fast.pictures import image_grid
 from usp_fast.stages.generate import GenerateStage
@@ -40,10 +39,7 @@ def _make_generator(tmp_path, cache_cfg, model_name, *overrides):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
-    task.ema = EMA(model, 0.5)
-    with torch.no_grad():
-        for s in task.ema.shadow:
-            s.mul_(0.5)
+    task.ema_weights = {n: p.detach() * 0.5 for n, p in model.named_parameters()}  # an EMA unlike the weights
     task.finish(model, Path(cfg.run.out_dir) / cfg.run.name, manifest, LatentNorm(), 7, 1.0)
     return config_with
 

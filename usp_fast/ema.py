@@ -1,9 +1,11 @@
-"""The fp32 EMA of a module's parameters (the generate stage's, checkpointed through state_dict)."""
+"""The fp32 EMA of a module's parameters, or of any list of fp32 tensors (the generate stage averages the fp32
+master partition each rank holds: usp_fast.engine.MasterWeights)."""
 import torch
 
 
 class EMA:
-    """fp32 exponential moving average of a module's parameters: shadow <- d * shadow + (1 - d) * param.
+    """fp32 exponential moving average: shadow <- d * shadow + (1 - d) * value, over `source`: an nn.Module (its
+    parameters, named, so state_dict works) or a list of tensors (in the same order at every update).
 
     d is `decay`, or with `warmup` timm ModelEmaV3's warm-up d_n = min(decay, 1 - (1 + n)^(-2/3)) at the n-th
     update (n from 0), so a short run's EMA follows the weights early instead of staying near the initial ones.
@@ -11,10 +13,11 @@ class EMA:
 
     WARMUP_POWER = 2 / 3  # timm's ModelEmaV3 default for short runs
 
-    def __init__(self, model, decay, warmup=False):
+    def __init__(self, source, decay, warmup=False):
         self.decay, self.warmup = float(decay), bool(warmup)
-        self.names = [n for n, _ in model.named_parameters()]
-        self.shadow = [p.detach().float().clone() for _, p in model.named_parameters()]
+        named = isinstance(source, torch.nn.Module)
+        self.names = [n for n, _ in source.named_parameters()] if named else None
+        self.shadow = [t.detach().float().clone() for t in _values(source)]
 
     def decay_at(self, step):
         """The decay of the update after optimizer step `step` (0-based)."""
@@ -23,20 +26,20 @@ class EMA:
         return min(self.decay, 1.0 - (1.0 + step) ** -self.WARMUP_POWER)
 
     @torch.no_grad()
-    def update(self, model, step=None, params=None):
-        """One update from `model`'s parameters, or from `params` (same order, e.g. the optimizer's fp32
-        masters when the module holds bf16 weights: usp_fast.engine.master_params)."""
+    def update(self, source, step=None):
+        """One update from `source` (the module, or the tensors, given at construction), one fused foreach op."""
         decay = self.decay if step is None else self.decay_at(step)
-        params = [p.detach() for _, p in model.named_parameters()] if params is None else list(params)
-        if self.shadow[0].device != params[0].device:  # first update after the engine moved the model
-            self.shadow = [s.to(params[0].device) for s in self.shadow]
-        if params[0].dtype == torch.float32:
-            torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
+        values = _values(source)
+        if self.shadow[0].device != values[0].device:  # first update after the engine moved the model
+            self.shadow = [s.to(values[0].device) for s in self.shadow]
+        if values[0].dtype == torch.float32:
+            torch._foreach_lerp_(self.shadow, values, 1.0 - decay)
         else:  # bf16 weights: lerp needs equal dtypes; mul + add promote into the fp32 shadow
             torch._foreach_mul_(self.shadow, decay)
-            torch._foreach_add_(self.shadow, params, alpha=1.0 - decay)
+            torch._foreach_add_(self.shadow, values, alpha=1.0 - decay)
 
     def state_dict(self):
+        """{parameter name: shadow} (a module's EMA)."""
         return dict(zip(self.names, self.shadow))
 
     def load_state_dict(self, state):
@@ -44,3 +47,9 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
         self.shadow = [state[n].detach().float().clone().to(s.device) for n, s in zip(self.names, self.shadow)]
+
+
+def _values(source):
+    if isinstance(source, torch.nn.Module):
+        return [p.detach() for p in source.parameters()]
+    return list(source)

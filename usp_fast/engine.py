@@ -99,6 +99,62 @@ def fp32_master_weights(module):
             p.data = d
 
 
+class MasterWeights:
+    """The fp32 master weights this rank holds: its partition of the optimizer's flat fp32 groups when DeepSpeed
+    keeps them (ZeRO 1-3, and bf16 at ZeRO-0), else the module's own fp32 parameters (fp32 at ZeRO-0). A per-rank
+    EMA of `tensors()` needs no collective per step; `gather` and `scatter` map such per-rank tensors to and from
+    full parameters by name (a collective with several ranks: at checkpoints and exports only), by letting the
+    optimizer's partitions hold them for a moment and reading or writing them through DeepSpeed's public
+    safe_get_full_fp32_param / safe_set_full_fp32_param."""
+
+    # DeepSpeedZeroOptimizer (ZeRO 1-2), BF16_Optimizer (bf16 at ZeRO-0), DeepSpeedZeroOptimizer_Stage3
+    PARTITIONS = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat")
+
+    def __init__(self, engine):
+        self.module, opt = engine.module, engine.optimizer
+        self.partitions = next((list(getattr(opt, a)) for a in self.PARTITIONS if getattr(opt, a, None)), None)
+        self.names = [n for n, _ in self.module.named_parameters()]
+
+    def tensors(self):
+        """This rank's fp32 masters (the same tensors, in the same order, at every call)."""
+        return self.partitions if self.partitions is not None else [p.detach() for p in self.module.parameters()]
+
+    @contextlib.contextmanager
+    def _partitions_holding(self, values=None):
+        saved = [t.clone() for t in self.partitions]
+        if values is not None:
+            torch._foreach_copy_(self.partitions, list(values))
+        try:
+            yield
+        finally:
+            torch._foreach_copy_(self.partitions, saved)
+
+    @torch.no_grad()
+    def gather(self, values):
+        """Per-rank tensors shaped like tensors() -> {name: full fp32 tensor}. Collective: call on every rank."""
+        if self.partitions is None:
+            return {n: v.clone() for n, v in zip(self.names, values)}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        with self._partitions_holding(values):
+            return {n: safe_get_full_fp32_param(p).clone() for n, p in self.module.named_parameters()}
+
+    @torch.no_grad()
+    def scatter(self, full):
+        """{name: full fp32 tensor} -> this rank's tensors shaped like tensors() (no collective)."""
+        missing = sorted(set(self.names) - set(full))
+        if missing:
+            raise KeyError(f"state lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        if self.partitions is None:
+            return [full[n].detach().float().clone().to(p.device) for n, p in self.module.named_parameters()]
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        with self._partitions_holding():
+            for n, p in self.module.named_parameters():
+                safe_set_full_fp32_param(p, full[n].float())
+            return [t.clone() for t in self.partitions]
+
+
 class LogWindow:
     """What the loop adds up on the device between two log rows (no host sync until the row is made)."""
 
@@ -177,6 +233,7 @@ class Trainer:
             ckpt = self.ckpt_root / UNIVERSAL / ckpt.name
             ds_config["checkpoint"] = {"load_universal": True}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        task.attach(self.engine)
         self.start_step = 0
         if ckpt is not None:
             self._load(ckpt)
@@ -440,6 +497,7 @@ class Trainer:
 
         module = self.engine.module
         epoch = self.total_steps / self.steps_per_epoch
+        self.task.collect()  # every rank: rank-partitioned state (the EMA) comes together for the exports
         with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.train.zero_stage == 3):
             with fp32_master_weights(module), disk_full_is_one_line(self.run_dir, "the exports"):
                 # exports carry the fp32 masters, not the bf16 module weights

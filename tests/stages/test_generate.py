@@ -103,8 +103,6 @@ def test_ema_update_formula_fp32_and_bf16():
 
 
 def test_generate_config_checks(tmp_path, built_cache, usp_export):
-    with pytest.raises(ValueError, match="ZeRO-3"):
-        GenerateStage(gen_cfg(tmp_path, built_cache, "train.zero_stage=3"))
     with pytest.raises(ValueError, match="usp:<encoder export"):  # checked at load now (ConfigError)
         GenerateStage(gen_cfg(tmp_path, built_cache, "generate.init=pretrained"))
     with pytest.raises(ValueError, match="unknown key 'model.learn_sigma'"):  # generate.learn_sigma is the key
@@ -120,7 +118,10 @@ def test_generate_config_checks(tmp_path, built_cache, usp_export):
     model = task.build_model(manifest, LatentNorm())
     assert task.objective_name == "linear" and model.cfg.out_channels == 4
     assert model.blocks[0].norm1.weight is None and model.cfg.mlp_act == "gelu_tanh"
-    # after_step is the EMA update (decay 0.9 in gen_cfg), and its state round-trips through the checkpoint hooks
+    # after_step is the EMA update (decay 0.9 in gen_cfg), and its state round-trips through the checkpoint hooks;
+    # fp32 at ZeRO-0: the masters are the parameters (an engine with no optimizer partitions)
+    from types import SimpleNamespace
+    task.attach(SimpleNamespace(module=model, optimizer=None))
     start = {k: v.clone() for k, v in task.state_dict()["ema"].items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -246,3 +247,32 @@ def test_two_rank_bf16_ema_and_export_gather_the_fp32_masters(tmp_path, built_ca
         assert torch.equal(v, weights[k]), k
     w = weights["blocks.0.attn.qkv.weight"]
     assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())
+
+
+@pytest.mark.parametrize("precision, zero", [("bf16", 1), ("fp32", 3)])
+def test_the_ema_averages_this_ranks_masters_with_no_collective_per_step(tmp_path, built_cache, monkeypatch,
+                                                                         precision, zero):
+    """The EMA of each rank's fp32 master partition (ZeRO-1 bf16, ZeRO-3 too): no safe_get_full_fp32_param (a
+    collective each) in any step's update; with ema.decay=0 the gathered EMA is the exported fp32 weights."""
+    import deepspeed.utils
+
+    real, calls = deepspeed.utils.safe_get_full_fp32_param, []
+    monkeypatch.setattr(deepspeed.utils, "safe_get_full_fp32_param", lambda p: calls.append(1) or real(p))
+
+    class Counting(GenerateStage):
+        per_step = []
+
+        def after_step(self, model, step):
+            before = len(calls)
+            super().after_step(model, step)
+            self.per_step.append(len(calls) - before)
+
+    cfg = gen_cfg(tmp_path, built_cache, f"train.precision={precision}", f"train.zero_stage={zero}",
+                  "train.max_steps=3", "ema.decay=0.0", "model.name=SiT-Test/2")
+    result = Trainer(cfg, Counting(cfg)).train()
+    assert Counting.per_step == [0, 0, 0] and calls  # gathered at the checkpoint and the export only
+    raw, _ = load_generator(result["generator"], use_ema=False)
+    ema, _ = load_generator(result["generator"], use_ema=True)
+    weights = dict(raw.named_parameters())
+    for k, v in ema.named_parameters():
+        assert torch.equal(v, weights[k]), k

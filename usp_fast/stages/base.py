@@ -102,11 +102,17 @@ class Stage:
         generator: a torch.Generator on the device, seeded per (seed, step, micro-step, rank), for all randomness."""
         raise NotImplementedError
 
+    def attach(self, engine):
+        """Called once on every rank after DeepSpeed has wrapped the model (before a checkpoint is loaded)."""
+
     def after_step(self, model, step):
         """Called after each optimizer step (e.g. EMA update)."""
 
+    def collect(self):
+        """Called on every rank before `finish` (rank 0): gather what the ranks hold in parts (collectives)."""
+
     def state_dict(self):
-        """Extra state saved in checkpoints (e.g. EMA weights)."""
+        """Extra state saved in checkpoints (e.g. EMA weights); called on every rank at each checkpoint."""
         return {}
 
     def load_state_dict(self, state):

@@ -11,10 +11,10 @@ Objective (generate.objective): ddpm (DiT: epsilon + learned sigma, hybrid loss)
 All randomness of a step (label dropout, timesteps, noise) comes from the engine's per-step generator, and the EMA
 is checkpointed through state_dict, so a resumed run is bitwise the uninterrupted one (fp32).
 
-EMA: an fp32 copy of every parameter on each rank, updated after each optimizer step with foreach ops from the
-fp32 master weights (usp_fast.engine.master_params: DeepSpeed's fp32 masters under bf16, not the bf16-rounded
-module weights). Supported with ZeRO 0-2, where every rank holds the full module parameters; ZeRO-3 partitions
-them and is refused.
+EMA: each rank averages the fp32 master weights it holds (usp_fast.engine.MasterWeights: its partition of
+DeepSpeed's fp32 masters under ZeRO 1-3 or bf16, not the bf16-rounded module weights; the parameters themselves
+in fp32 at ZeRO-0), one foreach update after each optimizer step and no collective. Checkpoints hold the full EMA
+(gathered at each save), so a run resumes on any number of ranks; the export gathers it once at the end.
 
 At the end rank 0 writes <run>/generator/: model.safetensors, ema.safetensors, generator.json (everything
 usp_fast/sampling.py needs to rebuild the model). <run>/generator.json is also written at start, so sampling works
@@ -76,11 +76,9 @@ class GenerateStage(Stage):
         super().__init__(cfg)
         g = cfg.generate
         self.init_path = parse_init(g.init)
-        if cfg.train.zero_stage == 3:
-            raise ConfigError("generate: the EMA needs every rank to hold the full parameters; use train.zero_stage "
-                             "0, 1 or 2 (ZeRO-3 is not supported for the generate stage)")
         self.objective, self.objective_name = None, None
-        self.ema = None
+        self.ema = self.masters = None
+        self.ema_weights = None  # the gathered EMA, for the export
         self.null_class = None
         self.run_dir = run_dir(cfg.run)
 
@@ -129,7 +127,6 @@ class GenerateStage(Stage):
             report = transfer_to_dit(model, source, meta, g.keep_blocks, copy_norms=g.transfer_norms,
                                      pos_interp=g.pos_interp)
             log.info("transfer %s -> %s:\n%s", self.init_path, self.cfg.model.name, report.summary())
-        self.ema = EMA(model, self.cfg.ema.decay, warmup=self.cfg.ema.warmup)
         n = sum(p.numel() for p in model.parameters())
         log.info("model %s (%s, objective %s, init %s): %.2fM parameters, %d tokens, learn_sigma=%s, "
                  "norm_affine=%s, mlp_act=%s", self.cfg.model.name, spec.family, self.objective_name,
@@ -162,22 +159,29 @@ class GenerateStage(Stage):
             labels = drop_labels(batch["labels"], self.cfg.generate.class_dropout_prob, self.null_class, generator)
         return self.objective.training_loss(model, batch["latents"], labels, generator)
 
-    def after_step(self, model, step):
-        from ..engine import master_params
+    def attach(self, engine):
+        from ..engine import MasterWeights
 
-        self.ema.update(model, step, master_params(model))  # the fp32 masters, not bf16-rounded weights
+        self.masters = MasterWeights(engine)
+        self.ema = EMA(self.masters.tensors(), self.cfg.ema.decay, warmup=self.cfg.ema.warmup)
+
+    def after_step(self, model, step):
+        self.ema.update(self.masters.tensors(), step)  # this rank's fp32 masters: no collective
 
     def state_dict(self):
-        return {"ema": self.ema.state_dict()}
+        return {"ema": self.masters.gather(self.ema.shadow)}
 
     def load_state_dict(self, state):
         if "ema" not in state:
             raise KeyError("checkpoint has no EMA state: was it written by --stage generate?")
-        self.ema.load_state_dict(state["ema"])
+        self.ema.shadow = self.masters.scatter(state["ema"])
+
+    def collect(self):
+        self.ema_weights = self.masters.gather(self.ema.shadow)
 
     def finish(self, model, run_dir, manifest, latent_norm, step, epoch):
         weights = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-        ema = {**weights, **self.ema.state_dict()}
+        ema = {**weights, **self.ema_weights}
         meta = self.generator_meta(model, manifest, latent_norm, step, epoch)
         meta.pop("format")
         out = save_generator(Path(run_dir) / "generator", weights, ema, meta)
