@@ -79,8 +79,11 @@ def _reference(tmp_path, built_cache, tiny_vae_dir):
 
 
 def _launch(cmd, tmp_path, env=None):
+    # not this process's own world (an earlier in-process run set RANK, WORLD_SIZE, MASTER_PORT ...)
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path,  # any directory
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          env={**inherited, "OMP_NUM_THREADS": "1", **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
