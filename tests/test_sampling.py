@@ -158,6 +158,19 @@ def test_other_samples_in_the_same_out_dir_are_refused(dit_cfg, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_the_same_command_after_it_finished_keeps_the_samples_and_other_settings_are_refused(dit_cfg, tmp_path,
+                                                                                             monkeypatch):
+    first = run(dit_cfg(f"sample.out_dir={tmp_path}"))
+    npz = Path(first["npz"])
+    before = (npz.stat().st_mtime_ns, npz.read_bytes())
+    monkeypatch.setattr("usp_fast.sampling.sample_latents", lambda *a, **k: pytest.fail("sampled again"))
+    again = run(dit_cfg(f"sample.out_dir={tmp_path}"))
+    assert again == first and (npz.stat().st_mtime_ns, npz.read_bytes()) == before
+    with pytest.raises(UserError, match=r"finished samples of other settings \(seed 0 -> 1\)") as e:
+        run(dit_cfg(f"sample.out_dir={tmp_path}", "sample.seed=1"))
+    assert "\n" not in str(e.value) and npz.read_bytes() == before[1]
+
+
 def test_another_vae_than_the_model_was_trained_on_is_a_user_error(dit_cfg):
     with pytest.raises(UserError, match=r"^vae.name=pixels \(fingerprint \w+\) is not the VAE this model was "
                                         r"trained on: set vae.name=\S*tiny_vae"):

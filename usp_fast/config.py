@@ -162,6 +162,25 @@ class TrainConfig(Section):
     nonfinite: Literal["stop", "skip"] = key("stop", "a non-finite loss or grad-norm: stop (checked at log "
                                                      "intervals, nothing non-finite is saved) or skip the "
                                                      "micro-batch and count it (one host sync per micro-step)")
+    activation_checkpointing: bool = key(False, "recompute each transformer block's activations in the backward "
+                                                "pass instead of keeping them (non-reentrant torch.utils.checkpoint): "
+                                                "activation memory of about one block, for about one more forward")
+    compile: bool = key(False, "torch.compile the model (DeepSpeed's engine.compile; the fused Triton ops are "
+                               "torch.library custom ops, so they do not break the graph)")
+    compile_backend: str = key("inductor", "torch.compile backend of train.compile (inductor; aot_eager to debug)")
+    deepspeed_config: Optional[typing.Union[str, dict]] = key(
+        None, "DeepSpeed settings merged over the generated config (logged): a mapping, or a JSON/YAML file read at "
+              "load; keys the run sets itself (batch sizes, accumulation, ZeRO stage, precision, clipping) may repeat "
+              "its values, never change them, and optimizer/scheduler are the stage's")
+
+    @field_validator("deepspeed_config")
+    @classmethod
+    def _read_deepspeed_config(cls, v):
+        if isinstance(v, str):  # read now: config.yaml then records the settings the run used, not a path
+            v = read_yaml(v)
+            if not isinstance(v, dict):
+                raise ValueError(f"{v!r} is not a mapping of DeepSpeed settings")
+        return v
 
     @model_validator(mode="after")
     def _batches(self):
@@ -357,6 +376,17 @@ def parse_override(text):
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({e.problem})") from e
 
 
+def flatten(d, prefix=""):
+    """{"a": {"b": 1}} -> {"a.b": 1} (an empty mapping stays a value)."""
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _deep_update(base, upd):
     out = copy.deepcopy(base)
     for k, v in upd.items():
@@ -433,7 +463,9 @@ def _type_name(annotation):
         return "|".join(str(a) for a in args)
     if origin is typing.Union and type(None) in args:
         inner = [a for a in args if a is not type(None)]
-        return f"{_type_name(inner[0])} or null"
+        return f"{'|'.join(_type_name(a) for a in inner)} or null"
+    if origin is typing.Union:
+        return "|".join(_type_name(a) for a in args)
     if origin in (tuple, list):
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
     return getattr(annotation, "__name__", str(annotation))

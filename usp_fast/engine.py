@@ -62,7 +62,36 @@ def deepspeed_config(cfg, world_size, dtype):
     }
     if bf16 and t.zero_stage >= 1:  # accumulate micro-step gradients in fp32, not bf16
         config["data_types"] = {"grad_accum_dtype": "fp32"}
-    return config
+    return merge_deepspeed_config(config, t.deepspeed_config) if t.deepspeed_config else config
+
+
+# what the generated DeepSpeed config's keys follow: a train.deepspeed_config may repeat them, not change them
+_SET_BY = {"train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.micro_batch",
+           "gradient_accumulation_steps": "train.global_batch / (train.micro_batch x ranks)",
+           "gradient_clipping": "optim.grad_clip", "zero_optimization.stage": "train.zero_stage",
+           "bf16.enabled": "train.precision", "data_types.grad_accum_dtype": "train.precision",
+           "steps_per_print": "the trainer's own logging (train.log_every)",
+           "zero_allow_untested_optimizer": "the stage's optimizer (optim.*)"}
+_NOT_PASSED = {"optimizer": "the stage builds the optimizer (optim.*)",
+               "scheduler": "the trainer sets the lr every step (optim.*)",
+               "fp16": "fp16 with loss scaling is not supported: use train.precision=bf16"}
+
+
+def merge_deepspeed_config(generated, extra):
+    """train.deepspeed_config merged over the generated config. Raises ConfigError naming the key when it would
+    change what the run's own keys set (say which key to set instead), or names optimizer, scheduler or fp16."""
+    from .config import _deep_update, flatten
+
+    for top, why in _NOT_PASSED.items():
+        if top in extra and not (top == "fp16" and not flatten(extra).get("fp16.enabled", True)):
+            raise ConfigError(f"train.deepspeed_config.{top}: not passed to DeepSpeed, {why}")
+    ours, theirs = flatten(generated), flatten(extra)
+    for k, v in theirs.items():
+        if k in ours and ours[k] != v:
+            raise ConfigError(f"train.deepspeed_config.{k}={v!r} contradicts the run's {ours[k]!r}: set "
+                              f"{_SET_BY.get(k, 'the key of the run that sets it')} instead")
+    log.info("DeepSpeed config: merged over the generated one: %s", ", ".join(f"{k}={v!r}" for k, v in theirs.items()))
+    return _deep_update(generated, extra)
 
 
 def master_params(module):
@@ -209,6 +238,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(cfg.run.seed)  # model init; all later randomness comes from per-step generators
 
+        ds_config = deepspeed_config(cfg, self.world, self.dtype)  # refuses a contradicting pass-through early
         self.data = self._data_source(cfg)  # a LatentCache, or an OnlineSource holding the frozen VAE
         t = cfg.train
         self.plan = StreamPlan(len(self.data), cfg.run.seed, t.global_batch, t.micro_batch, self.world, self.rank,
@@ -221,8 +251,9 @@ class Trainer:
 
         self.latent_norm = task.latent_norm(self.manifest)  # the run's one normalisation: exports record it
         model = task.build_model(self.manifest, self.latent_norm).to(self.device)
+        if t.activation_checkpointing:
+            model.set_grad_checkpointing(True)
         optimizer = task.build_optimizer(task.param_groups(model), self.base_lr)
-        ds_config = deepspeed_config(cfg, self.world, self.dtype)
         saved_world = saved_world_size(ckpt) if ckpt is not None else 0
         if saved_world and saved_world != self.world:  # resume on another number of ranks
             log.info("checkpoint %s holds %d optimizer partitions, this run has %d ranks: loading it as a universal "
@@ -233,6 +264,11 @@ class Trainer:
             ckpt = self.ckpt_root / UNIVERSAL / ckpt.name
             ds_config["checkpoint"] = {"load_universal": True}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        if t.compile:  # in place: parameter names, checkpoints and exports stay those of the plain module
+            self.engine.compile(backend=t.compile_backend)
+        if t.compile or t.activation_checkpointing:
+            log.info("activation checkpointing %s, torch.compile %s", "on" if t.activation_checkpointing else "off",
+                     t.compile_backend if t.compile else "off")
         task.attach(self.engine)
         self.start_step = 0
         if ckpt is not None:

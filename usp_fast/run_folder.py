@@ -27,6 +27,7 @@ import yaml
 
 from .artifacts import CKPT_DIR, METRICS, checkpoint_root, complete_checkpoints, latest_good_checkpoint, \
     verify_checkpoint
+from .config import flatten
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -40,27 +41,17 @@ TRAINED = (CKPT_DIR, "export", "generator", "generator.json", "transfer.json", M
 FREE_KEYS = {"run.out_dir", "run.name", "data.num_workers", "data.prefetch", "data.auto_cache", "vae.encode_batch",
              "train.micro_batch", "train.zero_stage", "train.log_every", "train.ckpt_every", "train.keep_last",
              "train.export", "train.run_steps", "train.audit_samples", "train.activation_checkpointing",
-             "train.compile", "train.deepspeed_config"}
-FREE_PREFIXES = ("sample.", "finetune.eval_batch", "finetune.val_cache_dir")
+             "train.compile", "train.compile_backend", "train.deepspeed_config"}
+FREE_PREFIXES = ("sample.", "finetune.eval_batch", "finetune.val_cache_dir", "train.deepspeed_config.")
 
 
 class RunFolderError(UserError, FileExistsError):
     pass
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_changes(old, new):
     """-> ['key: old -> new'] for every trajectory-changing key that differs between two config dicts."""
-    a, b = _flat(old), _flat(new)
+    a, b = flatten(old), flatten(new)
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)
                      and k not in FREE_KEYS and not k.startswith(FREE_PREFIXES))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed]

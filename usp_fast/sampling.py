@@ -294,6 +294,24 @@ class Sampler:
     def num_batches(self):
         return num_batches(self.plan)
 
+    def finished(self):
+        """Rank 0: the result of an earlier run of these same samples that finished (samples.npz with its
+        samples.json and no shards left), else None. A finished folder of other samples is refused in one line."""
+        npz, info = self.out / "samples.npz", self.out / "samples.json"
+        if self.shards.exists() or not (npz.is_file() and info.is_file()):
+            return None
+        old = json.loads(info.read_text())
+        diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in self.plan.items() if old.get(k) != v]
+        if diff:
+            raise UserError(f"sample.out_dir {self.out} holds finished samples of other settings ({'; '.join(diff)}): "
+                            f"choose another sample.out_dir, or delete {npz} to sample again")
+        log.info("%s already holds these %d samples (samples.json matches): nothing to do", self.out,
+                 self.scfg.num_images)
+        result = {"npz": str(npz)}
+        if (self.out / "grid.png").is_file():
+            result["grid"] = str(self.out / "grid.png")
+        return result
+
     def open_output(self):
         """Rank 0, before any fill: record the plan in shards/plan.json, or refuse one that differs from it."""
         self.shards.mkdir(parents=True, exist_ok=True)
@@ -360,6 +378,9 @@ def run(cfg, device="cpu", rank=0, world=1):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     sampler = Sampler(cfg, device)
+    done = dist.broadcast_from_main(sampler.finished() if rank == 0 else None)
+    if done is not None:  # the same command again after it finished: keep what is there
+        return done if rank == 0 else {}
     if rank == 0:
         sampler.open_output()
     dist.barrier()

@@ -29,7 +29,7 @@ from torch import nn
 import usp_fast_kernels as kernels
 
 from ..hub import ExportHubMixin
-from .layers import Attention, Mlp, PatchEmbed, sincos_pos_embed_2d, unpatchify
+from .layers import Attention, GradCheckpointing, Mlp, PatchEmbed, run_block, sincos_pos_embed_2d, unpatchify
 
 
 @dataclass
@@ -179,7 +179,7 @@ class FinalLayer(nn.Module):
         return self.adaLN_modulation(c).chunk(2, dim=1)
 
 
-class DiT(nn.Module, ExportHubMixin):
+class DiT(GradCheckpointing, nn.Module, ExportHubMixin):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
@@ -242,7 +242,7 @@ class DiT(nn.Module, ExportHubMixin):
         h = kernels.ln_modulate(tokens, mods[0][0], mods[0][1], first.weight, first.bias, first.eps)
         kept = {}
         for i, (block, mod, (norm, shift, scale)) in enumerate(zip(self.blocks, mods, nexts)):
-            tokens, h = block(tokens, h, mod, norm, shift, scale)
+            tokens, h = run_block(block, tokens, h, mod, norm, shift, scale, recompute=self.grad_checkpointing)
             if i in keep:
                 kept[i] = tokens
         return h, kept

@@ -3,8 +3,27 @@
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
+
+
+def run_block(block, *args, recompute=False):
+    """block(*args); with `recompute` (train.activation_checkpointing) and grad enabled, its activations are not
+    kept but recomputed in the backward pass: non-reentrant torch.utils.checkpoint, which works under ZeRO-3 and
+    torch.compile and restores the RNG state, so a recomputed block draws the same random numbers."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+class GradCheckpointing:
+    """`model.set_grad_checkpointing(True)`: timm's name for it, so the Trainer switches every model the same way
+    (the timm classifier has its own)."""
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable=True):
+        self.grad_checkpointing = bool(enable)
 
 
 class Attention(nn.Module):

@@ -15,7 +15,7 @@ from torch import nn
 import usp_fast_kernels as kernels
 
 from ..hub import ExportHubMixin
-from .layers import Block, PatchEmbed, sincos_pos_embed_2d
+from .layers import Block, GradCheckpointing, PatchEmbed, run_block, sincos_pos_embed_2d
 
 
 MASK_RATIO = 0.75  # USP / MAE: three quarters of the latent patches are masked
@@ -78,7 +78,7 @@ def model_config(name, **overrides):
     return USPViTConfig(**{**MODELS[name], **{k: v for k, v in overrides.items() if v is not None}})
 
 
-class USPViT(nn.Module, ExportHubMixin):
+class USPViT(GradCheckpointing, nn.Module, ExportHubMixin):
     def __init__(self, cfg: USPViTConfig):
         super().__init__()
         self.cfg = cfg
@@ -141,19 +141,22 @@ class USPViT(nn.Module, ExportHubMixin):
         cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
-            x = blk(x)
+            x = run_block(blk, x, recompute=self.grad_checkpointing)
         return self.norm(x)
 
     def forward_decoder(self, x, ids_restore):
         x = self.decoder_embed(x)
         x = kernels.unshuffle(x, self.mask_token[0, 0], ids_restore, self.decoder_pos_embed[0], num_prefix=1)
         for blk in self.decoder_blocks:
-            x = blk(x)
+            x = run_block(blk, x, recompute=self.grad_checkpointing)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
-    def forward(self, latents, generator=None, mask_ratio=None):
-        """latents [B, C, H, W] -> (loss, pred [B, L, p*p*C], mask [B, L])."""
-        ids_keep, ids_restore, mask = self.random_masking(latents.shape[0], latents.device, generator, mask_ratio)
+    def forward(self, latents, generator=None, mask_ratio=None, masking=None):
+        """latents [B, C, H, W] -> (loss, pred [B, L, p*p*C], mask [B, L]). `masking`: random_masking's output drawn
+        by the caller (under train.compile: torch.compile cannot trace a torch.Generator), else drawn here."""
+        if masking is None:
+            masking = self.random_masking(latents.shape[0], latents.device, generator, mask_ratio)
+        ids_keep, ids_restore, mask = masking
         latent = self.forward_encoder(latents, ids_keep)
         pred = self.forward_decoder(latent, ids_restore)
         loss = kernels.patch_norm_mse(pred, latents, mask, self.cfg.patch_size, self.cfg.norm_pix, self.cfg.norm_pix_eps)

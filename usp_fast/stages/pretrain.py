@@ -26,7 +26,11 @@ class PretrainStage(Stage):
         return decay_groups(model, self.cfg.optim.weight_decay)
 
     def loss(self, model, batch, generator):
-        loss, _, _ = model(batch["latents"], generator=generator)
+        latents = batch["latents"]
+        # the mask is drawn here, outside the (possibly compiled) forward; the same draws as inside it
+        net = getattr(model, "module", model)  # the DeepSpeed engine's module, or a bare model (benchmarks)
+        masking = net.random_masking(latents.shape[0], latents.device, generator)
+        loss, _, _ = model(latents, masking=masking)
         return loss, {}
 
     def finish(self, model, run_dir, manifest, latent_norm, step, epoch):
