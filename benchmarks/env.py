@@ -39,14 +39,16 @@ def slug(name):
 
 
 def git_commit():
-    """{'commit': HEAD of this checkout, 'dirty': tracked files changed}; both None outside a git checkout."""
+    """{'commit': HEAD of this checkout, 'dirty': tracked files changed}. Outside a git checkout (a copy carried to a
+    GPU machine has no .git) the commit is USP_FAST_COMMIT, which benchmarks/gpu_check.sh sets from COMMIT= or
+    commit.txt, with dirty None (unknown); both None without it."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+        return {"commit": os.environ.get("USP_FAST_COMMIT") or None, "dirty": None}
 
 
 def utc_now():

@@ -9,8 +9,8 @@ import torch
 @dataclass
 class KernelCase:
     """One op at one shape: zero-argument implementations over shared inputs, the leaves that get gradients,
-    and the minimum bytes each direction must move (for achieved bandwidth). `impls` holds at least 'triton' and
-    'eager' (the reference every error is measured against)."""
+    and the minimum bytes each direction must move (benchmarks/roofline.py; for achieved bandwidth). `impls`
+    holds at least 'triton' and 'eager' (the reference every error is measured against)."""
     op: str
     shape: dict
     impls: dict
@@ -19,8 +19,9 @@ class KernelCase:
     bytes_bwd: int
 
 
-def nbytes(*tensors):
-    return sum(t.numel() * t.element_size() for t in tensors)
+def dtype_name(dtype):
+    """torch.bfloat16 -> 'bfloat16', as benchmarks/roofline.py names dtypes."""
+    return str(dtype).replace("torch.", "")
 
 
 class Inputs:
@@ -38,7 +39,3 @@ class Inputs:
     def permutations(self, B, L):
         """Per-row random permutations, as the model masks: argsort of uniform noise."""
         return torch.argsort(torch.rand(B, L, generator=self.gen, device=self.device), dim=1)
-
-    def meta(self, *shape):
-        """A shape-only tensor in the run's dtype, for byte counts."""
-        return torch.empty(*shape, dtype=self.dtype, device="meta")

@@ -29,6 +29,7 @@ from usp_fast_benchmarks import cost, data_suite, fidelity, kernel_suite, steps
 from usp_fast_benchmarks.charts import write_charts
 from usp_fast_benchmarks.env import REPO, environment, slug, use_triton_interpreter_without_cuda
 from usp_fast_benchmarks.targets import TARGETS, check, device_targets
+from usp_fast.io import atomic_write_text
 
 # name -> (fn(ctx) -> JSON-able dict, fn(result, ctx) printing its table, or None)
 SUITES = {
@@ -76,7 +77,7 @@ def write_results(out_dir, env, results):
             rows = {**old["rows"], **{k: {**v, "measured": stamp} for k, v in result["rows"].items()}}
             result = {**result, "rows": rows}
         record["suites"][name] = {**env, **result}
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")  # a kill mid-write leaves the last good file
     write_charts(path)
     return path
 

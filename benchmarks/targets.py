@@ -1,6 +1,8 @@
 """The thresholds of benchmarks/targets.yaml (read here and nowhere else) and `--check`, which judges a results
 file by them: every kernel's error against eager (any device), the kernels suite's own speed targets where it ran
-on a GPU, and the device's targets over the other suites' rows."""
+on a GPU, and the device's targets over the other suites' rows. Beside each step speed-up over the reference it
+prints the bound the bytes model allows with the measured reference step (benchmarks/roofline.py): a speed-up
+above it means the reference lost time the model does not count (its attention backend, launch gaps)."""
 import fnmatch
 import json
 from pathlib import Path
@@ -44,6 +46,20 @@ def _kernel_checks(record, bounds):
             yield f"kernels/{op}", target, met["got"], f">= {met['wanted']}", met["met"]
 
 
+def _step_bound(record, key, metric):
+    """' (bytes bound x.xx)' for a steps speed-up over the reference of a known case on a GPU with datasheet
+    figures, from the reference row's measured step time; '' otherwise."""
+    from usp_fast_benchmarks import roofline, steps
+
+    case_name, _ = key.rsplit("/", 1)
+    ref = record["suites"]["steps"]["rows"].get(f"{case_name}/{metric.removeprefix('speedup_vs_')}", {})
+    case = next((c for c in steps.paper_cases() if c.name == case_name), None)
+    if case is None or not ref.get("step_ms") or record["device"] not in roofline.DATASHEET_HBM_TBPS:
+        return ""
+    bound = roofline.step_bound(case.stage, case.config(), case.batch, record["device"], ref["step_ms"])
+    return f"; bytes bound {bound['max_speedup_vs_reference']:.3g}"
+
+
 def _target_checks(record, targets):
     """targets: {suite: [{row: glob, metric: name, min: x and/or max: y}]} against each suite's `rows`; a suite
     whose results lack rows a full run has (a --cases subset) is missed as well."""
@@ -62,7 +78,9 @@ def _target_checks(record, targets):
             for key in matched:
                 got = rows[key].get(t["metric"])
                 ok = got is not None and got >= t.get("min", -float("inf")) and got <= t.get("max", float("inf"))
-                yield f"{suite_name}/{key}", t["metric"], got, bounds, ok
+                note = _step_bound(record, key, t["metric"]) \
+                    if suite_name == "steps" and t["metric"].startswith("speedup_vs_reference") else ""
+                yield f"{suite_name}/{key}", t["metric"], got, bounds + note, ok
 
 
 def check(results_path, targets_path=TARGETS):

@@ -3,8 +3,11 @@
 A row of width D is handled as two column blocks, a power-of-two main block A <= D and a tail block T covering
 the rest (1152 = 1024 + 128, 768 = 512 + 256, 384 = 256 + 128): no lanes wasted on padding D up to the next
 power of two. Programs walk their token rows one at a time, so every per-row value and every accumulator is a
-1-D vector over the columns. Inputs are read through their strides (a transposed patch-embedding output needs no
-copy); outputs are contiguous.
+1-D vector over the columns; the walk is software-pipelined (`tl.range(..., num_stages=NUM_STAGES)`, 2 in
+bf16/fp16, 1 in fp32): the next row's loads are in flight (cp.async into shared memory, for unit-stride rows) while
+the current row is reduced and stored, instead of each row waiting out a full memory latency (the compile gate
+shows the staging buffers in `shared_bytes`). Inputs are read through their strides (a transposed
+patch-embedding output needs no copy); outputs are contiguous.
 """
 import triton
 import triton.language as tl
@@ -39,7 +42,7 @@ def _adaln_fwd_kernel(
     x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
     T, D, rows_per_program, s_xb, s_xt, s_xd, s_yb, s_yt, s_yd, s_gate, s_shift, s_scale, eps,
     RESIDUAL: tl.constexpr, LN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     t_start = tl.program_id(1) * rows_per_program
@@ -57,7 +60,7 @@ def _adaln_fwd_kernel(
         if HAS_B:
             bias_a, bias_t = _load_pair(bias_ptr, 0, 1, cols_a, cols_t, ok_a, ok_t)
 
-    for t in range(t_start, t_end):
+    for t in tl.range(t_start, t_end, num_stages=NUM_STAGES):
         out_off = (b * T + t) * D
         x_a, x_t = _load_pair(x_ptr, b * s_xb + t * s_xt, s_xd, cols_a, cols_t, ok_a, ok_t)
         if RESIDUAL:
@@ -82,6 +85,7 @@ def _adaln_bwd_kernel(
     B, T, D, rows_per_program, s_xb, s_xt, s_xd, s_ob, s_ot, s_od, s_yb, s_yt, s_yd, s_rb, s_rt, s_rd,
     s_gate, s_scale, eps,
     RESIDUAL: tl.constexpr, LN: tl.constexpr, HAS_W: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     # x: the LayerNorm input (x, or x1 of the fused op); dout: grad of the modulated output; dres: grad of the
     # residual output (x1). dx is written when LN (for gate_residual alone it is dres itself).
@@ -108,7 +112,7 @@ def _adaln_bwd_kernel(
     acc_g_a = tl.zeros((BLOCK_A,), dtype=tl.float32)
     acc_g_t = tl.zeros((BLOCK_T,), dtype=tl.float32)
 
-    for t in range(t_start, t_end):
+    for t in tl.range(t_start, t_end, num_stages=NUM_STAGES):
         out_off = (b * T + t) * D
         if RESIDUAL:
             dx_a, dx_t = _load_pair(dres_ptr, b * s_rb + t * s_rt, s_rd, cols_a, cols_t, ok_a, ok_t)

@@ -2,6 +2,7 @@
 this module does not import triton (the `@triton.jit` kernels live in the `_*_jit` modules, loaded on first launch)."""
 import functools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -12,10 +13,11 @@ TILE_ELEMENTS = 4096
 PROGRAMS_PER_SM = 4
 # Programs to aim for under TRITON_INTERPRET=1, where each program instance costs Python time.
 INTERPRETER_PROGRAMS = 8
-# Measured launch configurations, (op, D, dtype) -> num_warps and programs per SM; written by
+# Measured launch configurations, (op, D, dtype, shape class) -> num_warps and programs per SM; written by
 # benchmarks/tune_launch.py on a GPU and committed. Looked up, never tuned at run time: a fixed configuration
 # keeps the chunking, hence the reduction order, hence the bitwise results, the same on every run.
-LAUNCH_TABLE_FILE = Path(__file__).with_name("launch_table.json")
+# USP_FAST_LAUNCH_TABLE names another table (the GPU check's step cases read the one its tune stage just wrote).
+LAUNCH_TABLE_FILE = Path(os.environ.get("USP_FAST_LAUNCH_TABLE") or Path(__file__).with_name("launch_table.json"))
 # Heuristic defaults where the table has no entry: forward programs carry no reduction and spread wider.
 DEFAULT_PROGRAMS_PER_SM = {"fwd": 16, "bwd": 4}
 
@@ -50,21 +52,41 @@ def split_row(width, min_tail=16):
     return main, max(next_pow2(width - main), min_tail)
 
 
+def shape_class(rows):
+    """The shape class a tuned entry holds for: rows (B x T, the tokens one launch covers) by power of two, since
+    the best programs per SM follow how many rows each program gets. None for an entry tuned before classes."""
+    return None if rows is None else max(int(rows), 1).bit_length() - 1
+
+
 @functools.lru_cache(maxsize=None)
 def _launch_table(path=LAUNCH_TABLE_FILE):
     if not Path(path).is_file():
         return {}
     data = json.loads(Path(path).read_text())
-    return {(e["op"], int(e["D"]), e["dtype"]): e for e in data.get("entries", [])}
+    return {(e["op"], int(e["D"]), e["dtype"], shape_class(e.get("rows"))): e for e in data.get("entries", [])}
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def launch_config(op, width, dtype, block_elems):
-    """-> {num_warps, programs_per_sm, source} for `op` ('<name>/fwd' or '/bwd') at row width `width`: the
-    committed table's measured entry, else the heuristic (4 warps up to 1024-wide blocks, 8 above)."""
-    entry = _launch_table().get((op, int(width), DTYPE_NAMES.get(dtype, str(dtype))))
+def _table_entry(op, width, dtype, rows):
+    """The entry of the call's shape class; else a class-free (older) entry; a caller that gives no rows gets the
+    one entry of its (op, D, dtype) when there is exactly one, else none."""
+    table = _launch_table()
+    key = (op, int(width), DTYPE_NAMES.get(dtype, str(dtype)))
+    if rows is not None and (entry := table.get((*key, shape_class(rows)))) is not None:
+        return entry
+    if (entry := table.get((*key, None))) is not None:
+        return entry
+    same = [e for k, e in table.items() if k[:3] == key]
+    return same[0] if rows is None and len(same) == 1 else None
+
+
+def launch_config(op, width, dtype, block_elems, rows=None):
+    """-> {num_warps, programs_per_sm, source} for `op` ('<name>/fwd' or '/bwd') at row width `width` over `rows`
+    rows (B x T): the committed table's measured entry for that shape class, else the heuristic (4 warps up to
+    1024-wide blocks, 8 above)."""
+    entry = _table_entry(op, width, dtype, rows)
     if entry is not None:
         return {"num_warps": int(entry["num_warps"]), "programs_per_sm": int(entry["programs_per_sm"]),
                 "source": entry.get("measured_on", "table")}

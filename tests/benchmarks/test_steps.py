@@ -108,7 +108,15 @@ def test_steps_and_cost_suites_on_cpu_then_check(tmp_path):
     record = json.loads(next(tmp_path.glob("cpu*.json")).read_text())
     result = record["suites"]["steps"]
     cases = {c.name: c for c in steps.tiny_cases()}
-    assert set(result["rows"]) == {f"{name}/{impl}" for name in cases for impl in ("usp-fast", "reference")}
+    engine = {f"{name}/engine" for name in cases} | {f"{name}/ema-before" for name in cases if "generate" in name}
+    assert set(result["rows"]) == {f"{name}/{impl}" for name in cases for impl in ("usp-fast", "reference")} | engine
+    assert set(result["expected_rows"]) == set(result["rows"])
+    for key in sorted(engine):  # on CPU through the references (no interpreter); an EMA share where there is an EMA
+        row = result["rows"].pop(key)
+        assert row["kernels"] == "reference" and row["step_ms"] > 0 and row["world"] == 1, key
+        assert (row["ema_share"] is None) == key.startswith("pretrain"), key
+        if row["ema_share"] is not None:
+            assert 0 <= row["ema_share"] <= 1, key
     for key, row in result["rows"].items():
         case = cases[key.rsplit("/", 1)[0]]
         # the dispatch switch took effect: the fast model ran the Triton kernels (interpreted), the baseline not
@@ -125,6 +133,55 @@ def test_steps_and_cost_suites_on_cpu_then_check(tmp_path):
         assert costs["rows"][f"total/{impl}"]["paper_h20_days"] == 98
         assert all(row["gpu_days"] is None and row["paper_days_here"] is None for row in costs["rows"].values())
     assert costs["commit"] == record["commit"] and costs["device"] == record["device"]
+
+
+# ---- the engine step ----
+
+def test_the_engine_step_is_the_trainers_step_on_the_bare_rows_model(monkeypatch):
+    """EngineStep runs Trainer._step itself on the model the bare rows measure: its first loss is the stage's loss
+    of that model at the engine's first generator seed; DeepSpeed steps the optimizer once per `accum`
+    micro-batches; the EMA follows the fp32 masters only while it is on."""
+    from usp_fast.engine import Trainer
+    from usp_fast.seeding import step_seed
+    from usp_fast.stages import stage_class
+
+    monkeypatch.setenv("USP_FAST_KERNELS", "reference")
+    case = steps.tiny_cases()[1]  # DiT-Test/2
+    step = steps.EngineStep(case, accum=2)
+    try:
+        assert step._step.__func__ is Trainer._step and step.engine.module.cfg == case.config()
+        task = stage_class(case.stage)(step.cfg)
+        torch.manual_seed(step.cfg.run.seed)
+        model = task.build_model(step.manifest, step.latent_norm)  # as initialised for the engine
+        gen = torch.Generator().manual_seed(step_seed(step.cfg.run.seed, 0, 0, 0))
+        want = task.loss(model, step._latents(step.raw, gen), gen)[0]
+        gen = torch.Generator().manual_seed(step_seed(step.cfg.run.seed, 0, 1, 0))
+        want = (want + task.loss(model, step._latents(step.raw, gen), gen)[0]) / 2
+        assert step.step().item() == pytest.approx(want.item(), rel=1e-6)
+        assert (step.engine.global_steps, step.engine.micro_steps) == (1, 2)
+        shadow = [t.clone() for t in step.task.ema.shadow]
+        step.ema_on = False
+        step.step()
+        assert all(torch.equal(a, b) for a, b in zip(shadow, step.task.ema.shadow)) and len(step.ema_times) == 1
+        step.ema_on = True
+        step.step()
+        assert not all(torch.equal(a, b) for a, b in zip(shadow, step.task.ema.shadow)) and len(step.ema_times) == 2
+    finally:
+        step.close()
+
+
+def test_engine_rows_report_the_ema_share_and_the_old_gather(monkeypatch):
+    """One rank, a few steps: the engine row with its EMA share, and the per-parameter gather as the "before"."""
+    from types import SimpleNamespace
+
+    ctx = SimpleNamespace(on_gpu=False, device=torch.device("cpu"), warmup=1, repeats=2)
+    case = steps.tiny_cases()[2]  # SiT-Test/2
+    rows = steps.measure_engine(ctx, case, {"datasheet_tflops": None}, impl=steps.IMPLS[1])
+    now, before = rows[f"{case.name}/engine"], rows[f"{case.name}/ema-before"]
+    assert now["kernels"] == "reference" and now["zero_stage"] == 1 and math.isfinite(now["final_loss"])
+    assert 0 < now["ema_ms"] < now["step_ms"] and 0 < now["ema_share"] < 1
+    assert before["ema_ms"] > 0 and 0 < before["ema_share"] < 1
+    assert before["step_ms"] == pytest.approx(now["step_ms_without_ema"] + before["ema_ms"])
 
 
 def test_suite_all_runs_kernels_data_steps_cost(bench_run):
@@ -196,6 +253,23 @@ def test_check_exits_nonzero_with_the_missed_row(bench_run, tmp_path, capsys, ch
         assert code == 0 and not missed and "7 of 7 targets met" in out
     else:
         assert code == 1 and len(missed) == 1 and missed_row in missed[0], out
+
+
+def test_check_prints_the_bytes_bound_beside_a_step_speedup(bench_run, tmp_path, capsys):
+    """With the reference's measured step time t, DiT-XL/2 b256 on an H200 may gain at most t / (t - 35.6 ms)."""
+    from usp_fast.models import dit
+    from usp_fast_benchmarks import roofline
+
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(yaml.safe_dump({"nvidia-h200": {"steps": [
+        {"row": "generate/DiT-XL/2/b256/usp-fast", "metric": "speedup_vs_reference", "min": 1.05}]}}))
+    rows = {"generate/DiT-XL/2/b256/usp-fast": {"speedup_vs_reference": 1.06},
+            "generate/DiT-XL/2/b256/reference": {"step_ms": 445.0}}
+    results = tmp_path / "nvidia-h200.json"
+    results.write_text(json.dumps({"device": "NVIDIA H200", "suites": {"steps": {"rows": rows}}}))
+    assert bench_run.check(results, targets) == 0
+    saved = roofline.step_bound("generate", dit.model_config("DiT-XL/2"), 256, "NVIDIA H200")["saved_ms"]
+    assert f"bytes bound {445 / (445 - saved):.3g}" in capsys.readouterr().out
 
 
 def test_check_without_targets_for_the_device_fails_saying_so(bench_run, tmp_path, capsys):

@@ -61,6 +61,21 @@ def test_adaln_weight_grads_summed_over_batch_blocks(gen):
                             ["x", "gate", "y", "shift", "scale", "weight", "bias"])
 
 
+def test_adaln_finalize_grid_fills_the_sms_with_small_batch_blocks(gen, monkeypatch):
+    # DiT-XL/2 on 132 SMs: at b32 batch blocks of 2 rows give 16 x 9 = 144 programs (16 rows: 18); b256 keeps 16
+    assert adaln._finalize_block_b(32, 9, 132) == 2 and adaln._finalize_block_b(256, 9, 132) == 16
+    assert adaln._finalize_block_b(1, 9, 132) == 1
+    # the backward and finalize chunking launch one wave at most: 2 chunks of 128 rows per batch row, not 3
+    assert adaln._row_chunks(256, 256, 4 * 132) == (128, 2) and adaln._row_chunks(32, 256, 4 * 132) == (16, 16)
+    # numerics with one- and two-row batch blocks (a device with many SMs), every gradient
+    monkeypatch.setattr(triton_utils, "sm_count", lambda device: 64)
+    x, y, shift, scale, gate, weight, bias = adaln_inputs(5, 3, 72, True, gen)
+    assert adaln._finalize_block_b(5, 2, 64) == 1
+    check_against_reference(adaln.gate_residual_ln_modulate_triton, adaln.gate_residual_ln_modulate_reference,
+                            [x, gate, y, shift, scale, weight, bias], torch.float32, gen,
+                            ["x", "gate", "y", "shift", "scale", "weight", "bias"])
+
+
 def test_adaln_backward_is_deterministic_across_chunks(gen):
     # B=1 with many tokens: each batch row is split over several programs whose partials are then reduced
     x, y, shift, scale, gate, weight, bias = adaln_inputs(1, 256, 200, True, gen)
