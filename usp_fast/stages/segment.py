@@ -188,7 +188,11 @@ class SegmentStage(Stage):
         model.save_folder(out, {"init": self.cfg.segment.init, "class_names": self.names, "vae": manifest["vae"],
                                 "latent_norm": latent_norm.as_dict(), "resolution": self.cfg.data.resolution,
                                 "step": step, "epoch": epoch})
-        scores = evaluate(model, self.vae, latent_norm, self.cfg, self.names, run_dir, step)
+        from ..models.segmenter import Segmenter
+
+        # score the export itself, in fp32 (a bf16 run's module keeps bf16 buffers such as BatchNorm's statistics)
+        exported = Segmenter.from_folder(out)[0].to(next(model.parameters()).device)
+        scores = evaluate(exported, self.vae, latent_norm, self.cfg, self.names, run_dir, step)
         return {"segmenter": str(out / "model.safetensors"), "segment_json": str(run_dir / "segment.json"),
                 "mIoU": scores["mIoU"], "aAcc": scores["aAcc"]}
 
