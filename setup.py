@@ -33,6 +33,8 @@ setup(
         "numpy>=1.24,<3",
         "pillow>=10,<14",
         "matplotlib>=3.7,<4",
+        "segmentation-models-pytorch>=0.5,<0.7",  # --stage segment: the UPerNet decoder (no encoder weights used)
+        "torchmetrics>=1.4,<2",  # --stage segment: the confusion matrix behind mIoU
     ],
     extras_require={
         # flash-attn needs CUDA to build; without it attention falls back to F.scaled_dot_product_attention.

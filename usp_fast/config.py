@@ -131,8 +131,10 @@ class OptimConfig(Section):
     betas: tuple[float, float] = key((0.9, 0.95), "AdamW betas")
     warmup_epochs: float = key(40.0, "linear warm-up length in epochs (ignored when warmup_steps is set)")
     warmup_steps: Optional[int] = key(None, "linear warm-up length in optimizer steps (overrides warmup_epochs)")
-    schedule: Literal["cosine", "constant"] = key("cosine", "after warm-up: half-cosine per step to min_lr, or "
-                                                            "constant")
+    schedule: Literal["cosine", "constant", "poly"] = key("cosine", "after warm-up: half-cosine per step to min_lr, "
+                                                                    "constant, or poly (min_lr + (lr - min_lr) x "
+                                                                    "(1 - progress)^poly_power, mmseg's PolyLR)")
+    poly_power: float = key(1.0, "optim.schedule=poly: the power (mmseg/BEiT segmentation: 1.0)")
     grad_clip: float = key(0.0, "global gradient-norm clip; 0 disables it")
     impl: Literal["auto", "torch", "apex"] = key(
         "auto", "AdamW implementation: torch (fused on CUDA), apex (NVIDIA apex FusedAdam, if installed: it is not "
@@ -341,9 +343,74 @@ class ProbeConfig(Config):
     probe: ProbeSection = ProbeSection()
 
 
+class SegmentSection(Section):
+    init: str = key("random", "'random' (the baseline) or 'usp:<encoder export dir>' (from --stage pretrain)")
+    num_classes: int = key(0, "classes 1..N in the masks (0 = ignored); 0: as many as <data.root>/classes.txt "
+                              "names (ADE20K: 150)")
+    img_scale: tuple[int, int] = key((2048, 512), "(long, short) side the image is resized to fit, keeping its "
+                                                  "aspect, before the random ratio (mmseg ADE20K)")
+    ratio_range: tuple[float, float] = key((0.5, 2.0), "random scale ratio range of img_scale (training views)")
+    cat_max_ratio: float = key(0.75, "a training crop is redrawn (up to 10 times) while one class covers more than "
+                                     "this share of it (mmseg RandomCrop)")
+    out_indices: list[int] = key([], "the four blocks whose token maps feed the neck (0-based); [] = BEiT/MAE's "
+                                     "scaled with depth (12: 3,5,7,11; 24: 7,11,15,23)")
+    head_channels: Optional[int] = key(None, "UPerNet width (unset: the encoder width, as mmseg's upernet_mae 768)")
+    aux_channels: int = key(256, "auxiliary FCN head width (mmseg: 256)")
+    aux_weight: float = key(0.4, "weight of the auxiliary FCN head's cross-entropy (mmseg: 0.4)")
+    dropout: float = key(0.1, "dropout before each classifier (mmseg: 0.1)")
+    drop_path: float = key(0.1, "ViT stochastic depth rate (mmseg upernet_mae ViT-B: 0.1)")
+    layer_decay: float = key(0.65, "layer-wise lr decay: block i of L gets lr x decay^(L + 1 - i) (BEiT/MAE ViT-B "
+                                   "ADE20K: 0.65)")
+    views: int = key(0, "0: decode, augment and VAE-encode every step (online); V > 0: cache V fixed training "
+                        "views per image (latents + masks) in segment.cache_dir and draw one per image per epoch")
+    cache_dir: str = key("", "the view cache folder ('' = <data.root>/../<root name>_views<V>_<res>_<vae>)")
+    eval_stride: int = key(341, "sliding-window stride in pixels (window: data.resolution; BEiT ADE20K: 341)")
+    eval_images: int = key(0, "validation images scored at the end (0 = all)")
+    pictures: int = key(4, "validation images in <run>/segment_val.png (image, ground truth, prediction)")
+    demo_images: int = key(0, ">0: build a mosaic set of this many training images (a quarter as many for "
+                              "validation) at data.root if missing (usp_fast/data/mosaic.py)")
+    demo_photos: str = key("../shared/data/clothing-256", "the mosaic set's photos: an ImageFolder with train/ and "
+                                                          "validation/ splits; missing: scikit-image's photographs")
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v):
+        if v != "random" and not (v.startswith("usp:") and len(v) > 4):
+            raise ValueError("expected 'random' or 'usp:<encoder export directory>'")
+        return v
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.num_classes < 0 or self.num_classes > 255:
+            raise ValueError(f"segment.num_classes must be 0..255 (masks are 8-bit), got {self.num_classes}")
+        if self.views < 0 or self.eval_stride <= 0:
+            raise ValueError("segment.views must be >= 0 and segment.eval_stride positive")
+        if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+            raise ValueError(f"segment.ratio_range {list(self.ratio_range)}: expected 0 < low <= high")
+        return self
+
+
+class SegmentModelConfig(ModelConfig):
+    name: str = key("usp_vit_b", "segment.init=random: the usp_vit_* encoder to build (a USP init takes the "
+                                 "export's architecture)")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        from .models.usp_vit import MODELS
+        if v not in MODELS:
+            raise ValueError(f"unknown encoder {v!r}; valid: {', '.join(sorted(MODELS))}")
+        return v
+
+
+class SegmentConfig(Config):
+    model: SegmentModelConfig = SegmentModelConfig()
+    segment: SegmentSection = SegmentSection()
+
+
 def _training_groups():
     """The groups of every stage's schema that building a latent cache does not read."""
-    stages = (PretrainConfig, GenerateConfig, FinetuneConfig, ProbeConfig)
+    stages = (PretrainConfig, GenerateConfig, FinetuneConfig, ProbeConfig, SegmentConfig)
     return {group for cls in stages for group in cls.model_fields} - {"run", "data", "vae", "cache"}
 
 

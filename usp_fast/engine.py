@@ -309,7 +309,12 @@ class Trainer:
             self.lock.release()
 
     def _data_source(self, cfg):
-        """Sets self.manifest (what the task builds its model from) and returns the sample source."""
+        """Sets self.manifest (what the task builds its model from) and returns the sample source: the stage's own
+        (Stage.data_source, e.g. segment's image + mask pairs), else the online source or the latent cache."""
+        own = self.task.data_source(self.device)
+        if own is not None:
+            source, self.manifest = own
+            return source
         if cfg.data.source == "online":
             from .data.online import OnlineSource
             from .vae import load_vae
@@ -391,7 +396,7 @@ class Trainer:
 
     # ---- the loop ----
     def _loader(self):
-        if self.cfg.data.source == "online":  # decoded and encoded ahead by a background thread
+        if hasattr(self.data, "stream"):  # online sources: decoded and encoded ahead by a background thread
             return self.data.stream(self.plan, self.start_step, self.total_steps)
         stream = CacheStream(self.data, self.plan, self.start_step, self.total_steps)
         nw = self.cfg.data.num_workers

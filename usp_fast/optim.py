@@ -33,21 +33,24 @@ def warmup_length(warmup_epochs, warmup_steps, steps_per_epoch):
     return warmup_steps if warmup_steps is not None else warmup_epochs * steps_per_epoch
 
 
-def schedule_lr(step, base_lr, warmup_steps, total_steps, min_lr=0.0, schedule="cosine"):
+def schedule_lr(step, base_lr, warmup_steps, total_steps, min_lr=0.0, schedule="cosine", power=1.0):
     """The lr of optimizer step `step` (0-based): linear warm-up from 0 over `warmup_steps`, then a half-cosine from
-    base_lr to min_lr reached at `total_steps` (or constant base_lr)."""
+    base_lr to min_lr reached at `total_steps`, constant base_lr, or poly (mmseg's PolyLR after its LinearLR
+    warm-up: min_lr + (base_lr - min_lr) x (1 - progress)^power)."""
     if step < warmup_steps:
         return base_lr * step / warmup_steps
     if schedule == "constant":
         return base_lr
-    if schedule != "cosine":
-        raise ValueError(f"optim.schedule {schedule!r}: expected 'cosine' or 'constant'")
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule not in ("cosine", "poly"):
+        raise ValueError(f"optim.schedule {schedule!r}: expected 'cosine', 'constant' or 'poly'")
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    if schedule == "poly":
+        return min_lr + (base_lr - min_lr) * (1.0 - progress) ** power
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def lr_at(step, cfg, steps_per_epoch, total_steps, base_lr):
     """schedule_lr with cfg.optim's warm-up (optim.warmup_steps, else optim.warmup_epochs), min_lr and schedule."""
     o = cfg.optim
     warmup = warmup_length(o.warmup_epochs, o.warmup_steps, steps_per_epoch)
-    return schedule_lr(step, base_lr, warmup, total_steps, o.min_lr, o.schedule)
+    return schedule_lr(step, base_lr, warmup, total_steps, o.min_lr, o.schedule, o.poly_power)

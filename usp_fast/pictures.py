@@ -114,3 +114,37 @@ def plot_probe_blocks(series, path, title="linear probe per block"):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def label_palette(num_classes, ignore_index=255):
+    """A fixed palette: uint8 [256, 3], class k's colour the same in every picture and run (a seeded draw of
+    saturated colours); ignore_index (and unused entries) black."""
+    import colorsys
+
+    rng = np.random.default_rng(20260)  # fixed: the palette never depends on a run
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    for k in range(min(num_classes, 255)):
+        h = (k * 0.618033988749895 + rng.uniform(0, 0.05)) % 1.0  # golden-ratio hues: neighbours differ
+        pal[k] = np.round(np.array(colorsys.hsv_to_rgb(h, 0.55 + 0.45 * (k % 2), 0.95 - 0.25 * (k % 3 == 2))) * 255)
+    pal[ignore_index] = 0
+    return pal
+
+
+def segmentation_panel(rows, palette, height=160, gap=4):
+    """[(uint8 image [H, W, 3], ground truth [H, W], prediction [H, W])] -> one uint8 picture, a row per image:
+    image | ground truth | prediction, each scaled to `height` (masks by nearest neighbour)."""
+    from PIL import Image
+
+    cells = []
+    for image, truth, pred in rows:
+        w = max(1, round(image.shape[1] * height / image.shape[0]))
+        pic = np.asarray(Image.fromarray(image).resize((w, height), Image.BILINEAR))
+        maps = [np.asarray(Image.fromarray(palette[m]).resize((w, height), Image.NEAREST)) for m in (truth, pred)]
+        cells.append([pic, *maps])
+    width = max(c[0].shape[1] for c in cells)
+    canvas = np.full((len(cells) * (height + gap) - gap, 3 * (width + gap) - gap, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(cells):
+        for k, cell in enumerate(row):
+            y, x = r * (height + gap), k * (width + gap)
+            canvas[y:y + height, x:x + cell.shape[1]] = cell
+    return canvas

@@ -9,6 +9,7 @@ import numpy as np
 
 # Salts: a fourth SeedSequence word that keeps streams drawn from the same (seed, epoch, index) independent.
 VIEW_SALT = 0x5EED  # crop window + flip of an image view (data/images.py draw_view: cache build and online path)
+SEG_VIEW_SALT = 0x5E6  # scale, crop and flip of a segmentation image + mask view (data/segmentation.py)
 RANDAUG_SALT = 0xA06  # RandAugment's global-RNG seed of an online view (data/online.py SeededRandAugment)
 PROBE_NOISE_MULTIPLIER = 1_000_003  # a prime: per-batch noise seeds of different run seeds do not collide
 

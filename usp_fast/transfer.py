@@ -91,6 +91,26 @@ class TransferReport:
         return "\n".join(lines)
 
 
+def check_same_latents(export_meta, manifest, latent_norm, export_path):
+    """A stage initialised from an encoder export must read the latents it was pretrained on: the same
+    vae.normalize mode, and the VAE fingerprint, scale and channels of the data source's manifest."""
+    from .vae import LatentNorm
+
+    src, dst = export_meta.get("vae"), manifest.get("vae") or {}
+    if not src:
+        log.warning("encoder export %s records no VAE identity; cannot check it matches the cache's", export_path)
+        return
+    src_norm, dst_norm = LatentNorm.of(export_meta).mode, latent_norm.mode
+    if src_norm != dst_norm:
+        raise TransferError(f"the encoder at {export_path} was pretrained with vae.normalize={src_norm}, this run "
+                            f"uses vae.normalize={dst_norm}: both stages must see the same latents")
+    for key in ("fingerprint", "scale", "latent_channels"):
+        if key in src and key in dst and src[key] != dst[key]:
+            raise TransferError(f"the encoder at {export_path} was pretrained on latents of VAE {src.get('name')!r} "
+                             f"({key} {src[key]!r}), but the training data is encoded with {dst.get('name')!r} "
+                             f"({key} {dst[key]!r}): the two stages must use the same latent space")
+
+
 POS_INTERP = ("bicubic", "bilinear")
 
 

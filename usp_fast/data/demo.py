@@ -31,13 +31,29 @@ def make_demo_imagefolder(root, num_images, seed=0, min_side=96):
     `num_images` random crops (JPEG, random size and aspect) of scikit-image's photos in root/train/<photo>/."""
     if is_digits_root(root):
         return make_digits_imagefolder(root, num_images)
-    from skimage import data as skdata
-
     train = Path(root) / "train"
     existing = list(train.rglob("*.JPEG")) if train.is_dir() else []
     if len(existing) >= num_images:
         return train
     rng = np.random.default_rng(seed)
+    photos = skimage_photos()
+    for i in range(num_images):
+        name, img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        ch = int(rng.integers(min(min_side, h), h + 1))
+        cw = int(np.clip(ch * rng.uniform(0.75, 1.33), min(min_side, w), w))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        out = train / name / f"{name}_{i:05d}.JPEG"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[top: top + ch, left: left + cw]).save(out, quality=90)
+    log.info("demo: wrote %d real-photo crops in %d classes under %s", num_images, len(photos), train)
+    return train
+
+
+def skimage_photos():
+    """scikit-image's bundled photographs that load here -> [(name, uint8 RGB array)] (grey ones as RGB)."""
+    from skimage import data as skdata
+
     photos = []
     for name in PHOTOS:
         try:
@@ -51,17 +67,7 @@ def make_demo_imagefolder(root, num_images, seed=0, min_side=96):
         photos.append((name, img[..., :3].astype(np.uint8)))
     if not photos:
         raise RuntimeError("scikit-image ships no usable photographs here; pass data.root with real images")
-    for i in range(num_images):
-        name, img = photos[i % len(photos)]
-        h, w = img.shape[:2]
-        ch = int(rng.integers(min(min_side, h), h + 1))
-        cw = int(np.clip(ch * rng.uniform(0.75, 1.33), min(min_side, w), w))
-        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        out = train / name / f"{name}_{i:05d}.JPEG"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img[top: top + ch, left: left + cw]).save(out, quality=90)
-    log.info("demo: wrote %d real-photo crops in %d classes under %s", num_images, len(photos), train)
-    return train
+    return photos
 
 
 def load_digits_array():

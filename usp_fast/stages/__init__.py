@@ -9,6 +9,7 @@ STAGES = {
     "generate": "usp_fast.stages.generate:GenerateStage",
     "finetune": "usp_fast.stages.finetune:FinetuneStage",
     "probe": "usp_fast.stages.probe:ProbeStage",
+    "segment": "usp_fast.stages.segment:SegmentStage",
 }
 
 

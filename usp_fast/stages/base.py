@@ -68,6 +68,12 @@ class Stage:
         return Trainer(self.cfg, self, resume, overwrite, allow_config_change).train()
 
     # ---- what the Trainer calls ----
+    def data_source(self, device):
+        """-> None (the default: data.source's latent cache or online images) or (source, manifest): a source of
+        the stage's own with the LatentCache interface (len, read) or an online one (len, stream), yielding
+        {'mean', 'std', 'labels', 'indices'} micro-batches; 'labels' may be any per-sample tensor (segment: masks)."""
+        return None
+
     def build_model(self, manifest, latent_norm):
         """-> nn.Module. `manifest` describes the data (latent_channels, latent_size, num_classes, vae, ...: the
         cache's manifest or the online source's); `latent_norm` is the run's usp_fast.vae.LatentNorm."""

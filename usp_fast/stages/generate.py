@@ -35,8 +35,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_text
 from ..models.dit import DiT, drop_labels, model_config
 from ..optim import decay_groups
-from ..transfer import TransferError, transfer_to_dit
-from ..vae import LatentNorm
+from ..transfer import TransferError, check_same_latents, transfer_to_dit
 from .base import Stage
 
 log = logging.getLogger(__name__)
@@ -49,22 +48,6 @@ def parse_init(init):
     if isinstance(init, str) and init.startswith("usp:") and len(init) > 4:
         return Path(init[4:])
     raise ConfigError(f"generate.init {init!r}: expected 'random' or 'usp:<encoder export directory>'")
-
-
-def _check_vae(export_meta, manifest, latent_norm, export_path):
-    src, dst = export_meta.get("vae"), manifest.get("vae") or {}
-    if not src:
-        log.warning("encoder export %s records no VAE identity; cannot check it matches the cache's", export_path)
-        return
-    src_norm, dst_norm = LatentNorm.of(export_meta).mode, latent_norm.mode
-    if src_norm != dst_norm:
-        raise TransferError(f"the encoder at {export_path} was pretrained with vae.normalize={src_norm}, this run "
-                            f"uses vae.normalize={dst_norm}: both stages must see the same latents")
-    for key in ("fingerprint", "scale", "latent_channels"):
-        if key in src and key in dst and src[key] != dst[key]:
-            raise TransferError(f"the encoder at {export_path} was pretrained on latents of VAE {src.get('name')!r} "
-                             f"({key} {src[key]!r}), but the latent cache was made with {dst.get('name')!r} "
-                             f"({key} {dst[key]!r}): generation must use the same latent space")
 
 
 class GenerateStage(Stage):
@@ -112,7 +95,7 @@ class GenerateStage(Stage):
         source = meta = None
         if self.init_path is not None:
             source, meta = load_encoder(self.init_path)
-            _check_vae(meta, manifest, latent_norm, self.init_path)
+            check_same_latents(meta, manifest, latent_norm, self.init_path)
         spec = self.model_spec(manifest, meta)
         model = DiT(spec)
         objective = self.cfg.generate.objective
