@@ -55,7 +55,7 @@ def _saved_bytes(fn):
     return out, total[0]
 
 
-@pytest.mark.parametrize("family", ["dit", "vit", "classifier"])
+@pytest.mark.parametrize("family", ["dit", "vit", "classifier", "segmenter"])
 def test_activation_checkpointing_keeps_loss_and_every_gradient_and_saves_fewer_activations(family):
     if family == "dit":
         model, (x, t, y) = _dit(), _dit_batch()
@@ -68,6 +68,14 @@ def test_activation_checkpointing_keeps_loss_and_every_gradient_and_saves_fewer_
                                             patch_size=2, in_chans=4, mlp_ratio=4.0, norm_eps=1e-6)).double()
         x = _dit_batch()[0]
         step = lambda: model(x).square().mean()  # noqa: E731
+    elif family == "segmenter":  # timm's ViT under the neck and heads; eval: no dropout draws, BN statistics fixed
+        from usp_fast.models.segmenter import Segmenter, SegmenterConfig
+
+        torch.manual_seed(0)
+        model = Segmenter(SegmenterConfig(embed_dim=32, depth=4, num_heads=2, num_classes=5, latent_size=8,
+                                          head_channels=16, aux_channels=8)).double().eval()
+        x = _dit_batch()[0]
+        step = lambda: sum(o.square().mean() for o in model(x))  # noqa: E731
     else:
         torch.manual_seed(0)
         model = build_vit("usp_vit_test", in_chans=4, input_size=8).double()
@@ -81,7 +89,9 @@ def test_activation_checkpointing_keeps_loss_and_every_gradient_and_saves_fewer_
     ckpt_grads = _grads(model, ckpt)
     assert ckpt.item() == plain.item()
     _assert_same_grads(plain_grads, ckpt_grads)
-    assert ckpt_bytes < 0.5 * plain_bytes, (ckpt_bytes, plain_bytes)
+    # the segmenter recomputes its encoder blocks only: its neck and heads at full resolution keep their own
+    most = 0.9 if family == "segmenter" else 0.5
+    assert ckpt_bytes < most * plain_bytes, (ckpt_bytes, plain_bytes)
 
 
 # ---- torch.compile: no graph break, custom ops whose autograd is right ----

@@ -252,6 +252,9 @@ class Trainer:
         self.latent_norm = task.latent_norm(self.manifest)  # the run's one normalisation: exports record it
         model = task.build_model(self.manifest, self.latent_norm).to(self.device)
         if t.activation_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ConfigError(f"train.activation_checkpointing: the {task.name} stage's model has no "
+                                  "activation checkpointing; set it to false")
             model.set_grad_checkpointing(True)
         optimizer = task.build_optimizer(task.param_groups(model), self.base_lr)
         saved_world = saved_world_size(ckpt) if ckpt is not None else 0

@@ -123,6 +123,10 @@ class Segmenter(nn.Module):
     def no_weight_decay(self):
         return {"backbone.pos_embed", "backbone.cls_token"}
 
+    def set_grad_checkpointing(self, enable=True):
+        """train.activation_checkpointing: timm's, on the encoder blocks (the heads are small)."""
+        self.backbone.set_grad_checkpointing(enable)
+
     # ---- forward ----
     def pyramid(self, latents):
         taps = sorted(set(self.cfg.out_indices))  # a tiny encoder (depth < 4) may tap one block twice
