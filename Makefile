@@ -16,8 +16,9 @@ $(STAMP): setup.py constraints.txt
 demo: $(STAMP)  ## Quickstart 1: the whole chain on the built-in demo (pictures, samples, FID) and a summary
 	$(VENV)/bin/usp-fast demo
 
+# one OpenMP thread per worker: the workers already fill the cores, and more threads spin against each other
 test: $(STAMP)  ## Quickstart 2: the test suite (CPU, fp32), one pytest-xdist worker per core, a test file per worker
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(VENV)/bin/usp-fast bench --suite all
