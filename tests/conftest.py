@@ -28,6 +28,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with USP_FAST_TEST_GPU=1 pytest -m gpu)")
 
 
+def one_line_exit_2(capsys, argv):
+    """Run the command line; -> its one stderr line, after checking the exit status 2 and that no traceback ran."""
+    from usp_fast.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors gain nothing from intra-op threads, and OpenMP spinning makes them many times slower when other

@@ -10,18 +10,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import RESOLUTION, make_cfg
+from conftest import RESOLUTION, make_cfg, one_line_exit_2
 from usp_fast.cli import main
 from usp_fast.errors import ConfigError, DataError, UserError
-
-
-def one_line_exit_2(capsys, argv):
-    """Run the command line; -> its one stderr line, after checking the exit status 2 and that no traceback ran."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 def truncate(path):

@@ -22,6 +22,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+def registered(name, kind):
+    """`name` if the model registry of `kind` (encoder: usp_vit, generator: dit) has it, else ValueError."""
+    if kind == "encoder":
+        from .models.usp_vit import MODELS
+    else:
+        from .models.dit import MODELS
+    if name not in MODELS:
+        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(MODELS))}")
+    return name
+
+
 def key(default, doc):
     return Field(default, description=doc)
 
@@ -98,10 +109,7 @@ class PretrainModelConfig(ModelConfig):
     @field_validator("name")
     @classmethod
     def _known(cls, v):
-        from .models.usp_vit import MODELS
-        if v not in MODELS:
-            raise ValueError(f"unknown encoder {v!r}; valid: {', '.join(sorted(MODELS))}")
-        return v
+        return registered(v, "encoder")
 
     @field_validator("mask_ratio")
     @classmethod
@@ -117,10 +125,7 @@ class GeneratorModelConfig(ModelConfig):
     @field_validator("name")
     @classmethod
     def _known(cls, v):
-        from .models.dit import MODELS
-        if v not in MODELS:
-            raise ValueError(f"unknown generator {v!r}; valid: {', '.join(sorted(MODELS))}")
-        return v
+        return registered(v, "generator")
 
 
 class OptimConfig(Section):
@@ -397,10 +402,7 @@ class SegmentModelConfig(ModelConfig):
     @field_validator("name")
     @classmethod
     def _known(cls, v):
-        from .models.usp_vit import MODELS
-        if v not in MODELS:
-            raise ValueError(f"unknown encoder {v!r}; valid: {', '.join(sorted(MODELS))}")
-        return v
+        return registered(v, "encoder")
 
 
 class SegmentConfig(Config):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_line_exit_2
 from usp_fast.data.mosaic import make_mosaic_set
 from usp_fast.data.segmentation import IGNORE, list_pairs, load_mask, paired_view, view_rng
 from usp_fast.engine import Trainer
@@ -220,16 +221,6 @@ def test_usp_init_copies_the_encoder_and_the_view_cache_is_reused(tmp_path, mosa
 
 # ---- bad input: one line, exit 2 ----
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "segment" / "demo.yaml"
-
-
-def one_line_exit_2(capsys, argv):
-    from usp_fast.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 def broken_copy(src, dst, damage):

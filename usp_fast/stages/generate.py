@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_text
 from ..models.dit import DiT, drop_labels, model_config
 from ..optim import decay_groups
-from ..transfer import TransferError, check_same_latents, transfer_to_dit
+from ..transfer import check_same_latents, transfer_to_dit
 from .base import Stage
 
 log = logging.getLogger(__name__)
